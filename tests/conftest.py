@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built from a config (no network), with the embedded model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """The default model's tokenizer (BPE, chat template) saved as a HF directory."""
+    from edgeft.models import default_gguf_path, gguf_tokenizer
+
+    out = tmp_path_factory.mktemp("smol_tok")
+    gguf_tokenizer(default_gguf_path()).save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64,
+                    tie: bool = True, init_std: float = 0.2, arch: str = "llama") -> Path:
+    """Write a tiny randomly initialised llama-family model (with a real tokenizer) to ``out``.
+
+    ``init_std`` is large enough that next-token distributions are peaked, so top-1
+    comparisons are not decided by ties between near-uniform logits.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=init_std,
+        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer_dir)
