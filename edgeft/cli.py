@@ -137,6 +137,31 @@ def export_gguf_cmd(model: Path, output: Path, qtype: str, overwrite: bool) -> N
     _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite))
 
 
+@cli.command("run")
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Pipeline YAML (see README).")
+def run_cmd(config_file: Path) -> None:
+    """Train -> merge -> export -> bench in one command; finished stages are skipped on re-run."""
+    from edgeft.pipeline import load_pipeline, run_pipeline
+
+    cfg = load_pipeline(config_file)
+    run_pipeline(cfg)
+    click.echo(f"pipeline complete: {cfg.output}")
+
+
+@cli.command("demo")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Where the demo writes its task, adapter, merged model, exports and summary.")
+@click.option("--steps", type=int, default=60, show_default=True, help="QLoRA optimizer steps.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming finished stages.")
+def demo_cmd(output: Path, steps: int, overwrite: bool) -> None:
+    """The whole pipeline on the embedded SmolLM2-135M-Instruct and a built-in task (resumable)."""
+    from edgeft.demo import run_demo
+
+    s = run_demo(output, steps=steps, overwrite=overwrite)
+    click.echo(f"task accuracy: {s.get('accuracy_before', float('nan')):.1%} before -> "
+               f"{s.get('accuracy_after', float('nan')):.1%} after fine-tuning; summary: {output / 'demo.json'}")
+
+
 def main() -> None:
     """Console entry point."""
     cli.main()

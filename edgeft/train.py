@@ -485,8 +485,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     if ckpt is None:
         metrics_path.unlink(missing_ok=True)
     else:  # drop lines written after the checkpoint: the run redoes those steps
-        lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= state["step"]]
+        kept = [json.dumps(m) for m in read_metrics(metrics_path) if m.get("step", 0) <= state["step"]]
         with atomic_file(metrics_path) as tmp:
             tmp.write_text("".join(ln + "\n" for ln in kept))
 
@@ -545,7 +544,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 tps = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 rec: dict[str, Any] = {"step": state["step"], "loss": round(last_loss, 6), "lr": lr,
-                                       "tokens": state["tokens"], "tokens_per_s": round(tps, 1)}
+                                       "tokens": state["tokens"], "tokens_per_s": round(tps, 1),
+                                       "elapsed_s": round(elapsed, 3)}
                 if cfg.eval_every and eval_units and state["step"] % cfg.eval_every == 0:
                     eval_loss = evaluate(model, eval_units, cfg, tok.pad_token_id, device, selective)
                     rec["eval_loss"] = round(eval_loss, 6)
@@ -592,7 +592,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             mlog.write(json.dumps({"step": state["step"], "eval_loss": round(eval_loss, 6)}) + "\n")
 
     _save_final(model, tok, out, cfg)
-    metrics = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    metrics = read_metrics(metrics_path)
     if metrics:
         from edgeft.plots import training_curves
 
@@ -605,6 +605,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     })
     write_json(out / RUN_RECORD, run_record)
     return TrainResult(out, state["step"], last_loss, eval_loss, tps, stopped_early)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Metric lines of a run; a line cut short by a crash is ignored."""
+    out = []
+    if path.is_file():
+        for ln in path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                continue
+    return out
 
 
 def _save_final(model: Any, tok: Any, out: Path, cfg: TrainConfig) -> None:

@@ -1,0 +1,220 @@
+"""``edgeft run --config pipeline.yaml``: train -> merge -> export -> bench in one command.
+
+Every stage writes into its own sub-directory of ``output`` and is skipped when its result is
+already complete (a finished training run, a passed verification record, a report), so a
+re-run after a crash or Ctrl-C continues where it stopped. Training itself resumes from its
+last checkpoint.
+
+Pipeline YAML::
+
+    output: runs/my-pipeline
+    train:            # any `edgeft train` option (see edgeft/configs/*.yaml)
+      data: my.jsonl
+      method: qlora
+      max_steps: 200
+    merge:
+      policy: auto    # auto | base | nf4-dequant
+      dtype: fp32
+    export:
+      onnx: [fp32, int8, int4]
+      gguf: [f16, q8_0, q4_k_m]
+    bench:
+      data: my-eval.jsonl   # evaluation set (default: train.eval_data, else train.data)
+      threads: null
+      max_rows: 64
+      strict: false
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeft.config import TrainConfig, coerce, validate
+from edgeft.errors import ConfigError
+from edgeft.progress import say
+
+ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
+GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+_SECTIONS = {"output", "train", "merge", "export", "bench"}
+
+
+@dataclass
+class PipelineConfig:
+    output: Path
+    train: TrainConfig
+    merge_policy: str = "auto"
+    merge_dtype: str = "fp32"
+    onnx: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    gguf: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
+    bench_data: str | None = None
+    bench_threads: int | None = None
+    bench_max_rows: int | None = 64
+    strict: bool = False
+
+
+def _section(data: dict, name: str, path: Path) -> dict:
+    value = data.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: '{name}' must be a mapping")
+    return value
+
+
+def _check_keys(section: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _variants(value: Any, allowed: tuple[str, ...], where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of names")
+    bad = [v for v in value if v.lower() not in allowed]
+    if bad:
+        raise ConfigError(f"{where}: unknown variant(s) {', '.join(bad)} (allowed: {', '.join(allowed)})")
+    return [v.lower() for v in value]
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and check a pipeline YAML; every problem names the file and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    _check_keys(data, _SECTIONS, str(path))
+    if not data.get("output"):
+        raise ConfigError(f"{path}: 'output' is required")
+    out = Path(str(data["output"]))
+    train_values = {}
+    for k, v in _section(data, "train", path).items():
+        name = str(k).replace("-", "_")
+        if name in ("output",):
+            raise ConfigError(f"{path}: train.output is set by the pipeline (output/adapter)")
+        train_values[name] = coerce(name, v, f"{path}: train")
+    train = TrainConfig(**train_values)
+    train.output = str(out / "adapter")
+    validate(train)
+    merge = _section(data, "merge", path)
+    _check_keys(merge, {"policy", "dtype"}, f"{path}: merge")
+    export = _section(data, "export", path)
+    _check_keys(export, {"onnx", "gguf"}, f"{path}: export")
+    bench = _section(data, "bench", path)
+    _check_keys(bench, {"data", "threads", "max_rows", "strict"}, f"{path}: bench")
+    cfg = PipelineConfig(
+        output=out, train=train,
+        merge_policy=str(merge.get("policy", "auto")), merge_dtype=str(merge.get("dtype", "fp32")),
+        onnx=_variants(export.get("onnx", ["fp32", "int8"]), ONNX_VARIANTS, f"{path}: export.onnx"),
+        gguf=_variants(export.get("gguf", ["f16", "q8_0", "q4_k_m"]), GGUF_VARIANTS, f"{path}: export.gguf"),
+        bench_data=bench.get("data") or train.eval_data or train.data,
+        bench_threads=bench.get("threads"), bench_max_rows=bench.get("max_rows", 64), strict=bool(bench.get("strict", False)),
+    )
+    if cfg.merge_policy not in ("auto", "base", "nf4-dequant"):
+        raise ConfigError(f"{path}: merge.policy must be auto, base or nf4-dequant")
+    if cfg.merge_dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"{path}: merge.dtype must be fp32, fp16 or bf16")
+    if cfg.bench_data and not Path(cfg.bench_data).is_file():
+        raise ConfigError(f"{path}: bench.data {cfg.bench_data}: file not found")
+    return cfg
+
+
+def _passed(artifact: Path) -> bool:
+    from edgeft.records import record_path
+
+    rp = record_path(artifact)
+    if not artifact.exists() or not rp.is_file():
+        return False
+    try:
+        return json.loads(rp.read_text()).get("status") == "passed"
+    except ValueError:
+        return False
+
+
+def artifact_paths(cfg: PipelineConfig) -> list[Path]:
+    out = cfg.output
+    paths = [out / "merged"]
+    paths += [out / f"onnx-{v}" for v in cfg.onnx]
+    paths += [out / f"model.{v}.gguf" for v in cfg.gguf]
+    return paths
+
+
+def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
+    """(name, is_done, run) for every stage, in order."""
+    out = cfg.output
+    adapter, merged = out / "adapter", out / "merged"
+
+    def train_done() -> bool:
+        rec = adapter / "edgeft-run.json"
+        return rec.is_file() and json.loads(rec.read_text()).get("status") == "completed"
+
+    def run_train() -> None:
+        from edgeft.train import latest_checkpoint, train
+
+        resume = latest_checkpoint(adapter) is not None
+        train(cfg.train, resume=resume, overwrite=not resume)
+
+    def run_merge() -> None:
+        from edgeft.merge import merge_adapter
+
+        rec = merge_adapter(adapter, merged, policy=cfg.merge_policy, dtype=cfg.merge_dtype, overwrite=True)
+        _verdict(rec)
+
+    result: list[tuple[str, Callable[[], bool], Callable[[], None]]] = [
+        ("train", train_done, run_train), ("merge", lambda: _passed(merged), run_merge)]
+    for v in cfg.onnx:
+        target = out / f"onnx-{v}"
+
+        def run_onnx(v=v, target=target) -> None:
+            from export.onnx import export_onnx
+
+            _verdict(export_onnx(merged, target, quantize=None if v == "fp32" else v, overwrite=True))
+
+        result.append((f"export onnx {v}", lambda t=target: _passed(t), run_onnx))
+    for v in cfg.gguf:
+        target = out / f"model.{v}.gguf"
+
+        def run_gguf(v=v, target=target) -> None:
+            from export.gguf import export_gguf
+
+            _verdict(export_gguf(merged, target, qtype=v, overwrite=True))
+
+        result.append((f"export gguf {v}", lambda t=target: _passed(t), run_gguf))
+    report = out / "bench" / "report.json"
+
+    def run_bench() -> None:
+        from runtime.bench import run_bench as bench
+
+        bench(reference=adapter, artifacts=[p for p in artifact_paths(cfg) if _passed(p)], data=Path(cfg.bench_data),
+              output=out / "bench", threads=cfg.bench_threads, max_rows=cfg.bench_max_rows, strict=cfg.strict)
+
+    result.append(("bench", report.is_file, run_bench))
+    return result
+
+
+def _verdict(rec: Any) -> None:
+    say(f"  {rec.summary()}")
+    if rec.status != "passed":
+        say(f"  [yellow]{rec.artifact} failed verification; it is kept, marked failed, and left out of the benchmark[/]")
+
+
+def run_pipeline(cfg: PipelineConfig) -> None:
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    todo = stages(cfg)
+    for i, (name, done, run) in enumerate(todo, 1):
+        if done():
+            say(f"[dim][{i}/{len(todo)}] {name}: already complete, skipped[/]")
+            continue
+        say(f"[bold cyan][{i}/{len(todo)}] {name}[/]")
+        run()

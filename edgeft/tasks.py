@@ -1,0 +1,57 @@
+"""A small built-in task, generated deterministically, that fine-tuning visibly improves.
+
+Short product reviews built from templates; the answer is one word, ``positive`` or
+``negative``. An instruct model asked zero-shot tends to answer with a sentence, so exact
+match of the normalised answer is low before fine-tuning and high after.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+INSTRUCTION = "Classify the sentiment of this review. Answer with one word: positive or negative."
+_ITEMS = ["phone", "laptop", "coffee maker", "backpack", "headset", "blender", "keyboard", "tent", "jacket", "lamp",
+          "printer", "camera", "watch", "kettle", "chair", "speaker", "monitor", "bicycle", "vacuum", "router"]
+_POS = ["excellent", "reliable", "sturdy", "delightful", "fast", "comfortable", "brilliant", "well made", "quiet", "superb"]
+_NEG = ["flimsy", "useless", "noisy", "disappointing", "slow", "uncomfortable", "broken", "overpriced", "awful", "unreliable"]
+_TEMPLATES = [
+    "The {item} is {adj}.",
+    "I bought this {item} last month and it is {adj}.",
+    "Honestly, a {adj} {item}. {coda}",
+    "My {item} arrived yesterday: {adj}, {adj2} and exactly as I {expect}.",
+    "After a week of use the {item} feels {adj}.",
+]
+_CODA = {True: ["Would buy again.", "Highly recommended.", "Five stars."], False: ["Returning it.", "Avoid.", "One star."]}
+_EXPECT = {True: "hoped", False: "feared"}
+
+
+def make_rows(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = _POS if positive else _NEG
+        adj, adj2 = rng.sample(words, 2)
+        review = rng.choice(_TEMPLATES).format(item=rng.choice(_ITEMS), adj=adj, adj2=adj2,
+                                               coda=rng.choice(_CODA[positive]), expect=_EXPECT[positive])
+        rows.append({"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"})
+    return rows
+
+
+def write_task(directory: Path, n_train: int = 320, n_eval: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (disjoint seeds) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, s in (("train.jsonl", n_train, seed), ("eval.jsonl", n_eval, seed + 1)):
+        p = directory / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, s)))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case, keep letters, digits and spaces, collapse whitespace."""
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())

@@ -1,0 +1,114 @@
+"""Exact CLI behaviour: one-line errors, exit codes, config precedence; no weights loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import cli
+from edgeft.config import TrainConfig, load_yaml, validate
+
+CONFIGS = sorted((Path(__file__).parent.parent / "edgeft" / "configs").glob("*.yaml"))
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.fixture
+def good(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "completion": "b"}\n')
+    return p
+
+
+def error_line(result) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output  # exactly one line, no traceback
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected, code",
+    [
+        (["--data", "nope.jsonl", "--output", "o"], "edgeft: error: --data nope.jsonl: file not found", 2),
+        (["--data", "{good}", "--output", "o", "--method", "magic"], "Invalid value for '--method'", 2),
+        (["--data", "{good}", "--output", "o", "--lr", "fast"], "Invalid value for '--lr'", 2),
+        (["--data", "{good}", "--output", "o", "--model", "/no/such/model"], "--model /no/such/model: model path does not exist", 1),
+        (["--data", "{good}", "--output", "o", "--batch-size", "0"], "--batch-size must be >= 1", 2),
+        (["--output", "o"], "--data is required", 2),
+    ],
+)
+def test_train_errors_are_one_line(tmp_path, good, monkeypatch, args, expected, code):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("train", *[a.replace("{good}", str(good)) for a in args])
+    assert r.exit_code == code
+    assert expected in error_line(r)
+
+
+def test_bad_row_error_names_file_line_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "  "}\n')
+    r = invoke("train", "--data", str(p), "--output", "o")
+    assert r.exit_code == 1
+    assert error_line(r) == f"edgeft: error: {p}:2: field 'output' is empty"
+
+
+def test_non_empty_output_needs_overwrite(tmp_path, good):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = invoke("train", "--data", str(good), "--output", str(out), "--model", str(tmp_path / "missing"))
+    assert r.exit_code != 0
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_yaml_unknown_key_and_wrong_type_named(tmp_path, good):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_rank: 8\nbatch_size: four\n")
+    r = invoke("train", "--config", str(cfg), "--data", str(good), "--output", "o")
+    line = error_line(r)
+    assert r.exit_code == 2
+    assert "unknown key 'lora_rank'" in line and "'batch_size' must be int, got str 'four'" in line
+
+
+def test_flag_beats_yaml_beats_default(tmp_path, good, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1.0e-3\nbatch_size: 3\n")
+    seen = {}
+
+    def fake_train(c, **kw):  # stop before any model work: only the merged config matters here
+        seen["cfg"] = c
+        raise SystemExit(0)
+
+    monkeypatch.setattr("edgeft.train.train", fake_train)
+    invoke("train", "--config", str(cfg), "--data", str(good), "--output", "o", "--batch-size", "5")
+    c = seen["cfg"]
+    assert (c.batch_size, c.lr, c.lora_r) == (5, 1e-3, TrainConfig().lora_r)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_yaml_examples_load_and_validate(path, good, tmp_path):
+    values = load_yaml(path)
+    assert values, path
+    validate(TrainConfig(**values, data=str(good), output=str(tmp_path / "o")))
+
+
+def test_help_is_fast_and_lists_commands():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "merge", "export", "import-gguf"):
+        assert cmd in r.output
+
+
+def test_import_gguf_rejects_non_gguf(tmp_path):
+    p = tmp_path / "fake.gguf"
+    p.write_bytes(b"NOPE" + b"\0" * 64)
+    r = invoke("import-gguf", str(p))
+    assert r.exit_code == 1
+    assert error_line(r) == f"edgeft: error: {p}: not a GGUF file (bad magic)"
