@@ -11,13 +11,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
-def smol_tokenizer_dir(tmp_path_factory) -> Path:
-    """The default model's tokenizer (BPE, chat template) saved as a HF directory."""
-    from edgeft.models import default_gguf_path, gguf_tokenizer
+def pytest_configure(config):
+    # Tiny models run fastest single-threaded, and a 2-core CI machine is not oversubscribed.
+    import torch
 
-    out = tmp_path_factory.mktemp("smol_tok")
-    gguf_tokenizer(default_gguf_path()).save_pretrained(out)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir() -> Path:
+    """The default model's tokenizer (BPE, chat template) saved as a HF directory, cached."""
+    from edgeft.fsutil import atomic_dir
+    from edgeft.models import default_gguf_path, edgeft_home, gguf_tokenizer
+
+    gguf = default_gguf_path()
+    out = edgeft_home() / "test-tokenizers" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (out / "tokenizer.json").is_file():
+        with atomic_dir(out, overwrite=True) as tmp:
+            gguf_tokenizer(gguf).save_pretrained(tmp)
     return out
 
 
