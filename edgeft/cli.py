@@ -137,6 +137,11 @@ def export_gguf_cmd(model: Path, output: Path, qtype: str, overwrite: bool) -> N
     _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite))
 
 
+from runtime.cli_bench import bench_cmd  # noqa: E402  (numpy + click only at import)
+
+cli.add_command(bench_cmd)
+
+
 @cli.command("run")
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Pipeline YAML (see README).")
 def run_cmd(config_file: Path) -> None:

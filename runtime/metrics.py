@@ -42,3 +42,10 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
     lp = log_softmax(logits)
     nll = -lp[np.arange(len(targets)), targets]
     return float(np.exp(nll.mean()))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood (nats) of each of ``targets`` (N,) under ``logits`` (N, V)."""
+    lp = log_softmax(logits)
+    return -lp[np.arange(len(targets)), targets]
+

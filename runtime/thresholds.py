@@ -1,0 +1,79 @@
+"""Accuracy bars an artifact must meet against the unmerged reference (pure data and logic).
+
+Top-1 next-token agreement, teacher-forced on the evaluation rows, by storage precision:
+
+    class      minimum top-1   precisions
+    lossless   0.995           merged fp32/fp16, ONNX fp32, GGUF f32/f16
+    8-bit      0.98            ONNX int8 and fp16 (fp16 compute), GGUF q8_0/q6_k/bf16, merged bf16
+    4-bit      0.95            ONNX int4, GGUF q4_*/q5_*/q3_*/q2_* and anything else quantized
+
+Task accuracy (exact match of normalised greedy answers) may fall at most
+``ACCURACY_DROP_MAX`` (1 point) below the reference's. Unknown precisions get the 4-bit bar:
+the loosest, so a missing record never makes an artifact look worse than it is. ``edgeft bench
+--min-top1 [CLASS=]VALUE`` replaces a class's bar (or every bar); ``--max-accuracy-drop`` the
+accuracy margin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from edgeft.errors import ConfigError
+
+TOP1_MIN = {"lossless": 0.995, "8-bit": 0.98, "4-bit": 0.95}
+ACCURACY_DROP_MAX = 0.01  # fraction of rows: 0.01 = one percentage point
+_EPS = 1e-9  # averaged agreements are sums of counts divided by counts: allow float rounding
+
+# (kind, precision) -> class; kind None matches any kind.
+_CLASS = {
+    ("merged", "fp32"): "lossless", ("merged", "fp16"): "lossless", ("merged", "bf16"): "8-bit",
+    ("onnx", "fp32"): "lossless", ("onnx", "fp16"): "8-bit", ("onnx", "int8"): "8-bit", ("onnx", "int4"): "4-bit",
+    ("gguf", "f32"): "lossless", ("gguf", "f16"): "lossless", ("gguf", "bf16"): "8-bit",
+    ("gguf", "q8_0"): "8-bit", ("gguf", "q6_k"): "8-bit",
+}
+
+
+def precision_class(kind: str, precision: str) -> str:
+    return _CLASS.get((kind, precision.lower()), "4-bit")
+
+
+def parse_top1_overrides(values: Sequence[str], flag: str = "--min-top1") -> dict[str, float]:
+    """``["0.99", "4-bit=0.9"]`` -> ``{"all": 0.99, "4-bit": 0.9}``; a class bar beats "all"."""
+    out: dict[str, float] = {}
+    for value in values:
+        cls, _, number = value.rpartition("=")
+        cls = cls.strip() or "all"
+        if cls != "all" and cls not in TOP1_MIN:
+            raise ConfigError(f"{flag} {value}: unknown class {cls!r}; use {', '.join(TOP1_MIN)} (or no class for all)")
+        try:
+            out[cls] = float(number)
+        except ValueError:
+            raise ConfigError(f"{flag} {value}: {number!r} is not a number") from None
+    return out
+
+
+def top1_bar(kind: str, precision: str, overrides: Mapping[str, float] | None = None) -> float:
+    """Minimum top-1 agreement for an artifact; ``overrides`` (by class, or "all") replace the defaults."""
+    cls = precision_class(kind, precision)
+    overrides = overrides or {}
+    return overrides.get(cls, overrides.get("all", TOP1_MIN[cls]))
+
+
+def flags_for(entry: dict[str, Any], reference_accuracy: float | None, *,
+              top1_overrides: Mapping[str, float] | None = None, max_accuracy_drop: float = ACCURACY_DROP_MAX) -> list[str]:
+    """Reasons ``entry`` (a report entry) falls below its bars; empty when it meets them all."""
+    reasons = []
+    bar = top1_bar(entry["kind"], entry["precision"], top1_overrides)
+    top1 = entry.get("top1_agreement")
+    if top1 is None or not top1 >= bar - _EPS:  # NaN fails too
+        reasons.append(f"top-1 {_fmt(top1)} < {bar:g}")
+    acc = entry.get("task_accuracy")
+    if reference_accuracy is not None:
+        floor = reference_accuracy - max_accuracy_drop
+        if acc is None or not acc >= floor - _EPS:
+            reasons.append(f"task accuracy {_fmt(acc)} < reference {reference_accuracy:.3f} - {max_accuracy_drop:g}")
+    return reasons
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
