@@ -39,6 +39,7 @@ from edgeft.progress import say
 ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
 GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 _SECTIONS = {"output", "train", "merge", "export", "bench"}
+_BENCH_INTS = ("repeats", "warmup", "new_tokens", "prompt_tokens", "answer_tokens")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class PipelineConfig:
     bench_threads: int | None = None
     bench_max_rows: int | None = 64
     strict: bool = False
+    bench_extra: dict[str, Any] = field(default_factory=dict)  # other BenchConfig fields (repeats, new_tokens, ...)
 
 
 def _section(data: dict, name: str, path: Path) -> dict:
@@ -112,7 +114,13 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     export = _section(data, "export", path)
     _check_keys(export, {"onnx", "gguf"}, f"{path}: export")
     bench = _section(data, "bench", path)
-    _check_keys(bench, {"data", "threads", "max_rows", "strict"}, f"{path}: bench")
+    _check_keys(bench, {"data", "threads", "max_rows", "strict", *_BENCH_INTS}, f"{path}: bench")
+    extra = {}
+    for k in _BENCH_INTS:
+        if k in bench:
+            if not isinstance(bench[k], int) or isinstance(bench[k], bool):
+                raise ConfigError(f"{path}: bench.{k} must be an integer, got {bench[k]!r}")
+            extra[k] = bench[k]
     cfg = PipelineConfig(
         output=out, train=train,
         merge_policy=str(merge.get("policy", "auto")), merge_dtype=str(merge.get("dtype", "fp32")),
@@ -120,6 +128,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         gguf=_variants(export.get("gguf", ["f16", "q8_0", "q4_k_m"]), GGUF_VARIANTS, f"{path}: export.gguf"),
         bench_data=bench.get("data") or train.eval_data or train.data,
         bench_threads=bench.get("threads"), bench_max_rows=bench.get("max_rows", 64), strict=bool(bench.get("strict", False)),
+        bench_extra=extra,
     )
     if cfg.merge_policy not in ("auto", "base", "nf4-dequant"):
         raise ConfigError(f"{path}: merge.policy must be auto, base or nf4-dequant")
@@ -194,10 +203,15 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
     report = out / "bench" / "report.json"
 
     def run_bench() -> None:
-        from runtime.bench import run_bench as bench
+        from runtime.bench import BenchConfig, run_bench
 
-        bench(reference=adapter, artifacts=[p for p in artifact_paths(cfg) if _passed(p)], data=Path(cfg.bench_data),
-              output=out / "bench", threads=cfg.bench_threads, max_rows=cfg.bench_max_rows, strict=cfg.strict)
+        artifacts = [p for p in artifact_paths(cfg) if _passed(p)]
+        if not artifacts:
+            say("  [yellow]no artifact passed verification; nothing to benchmark[/]")
+            return
+        run_bench(BenchConfig(reference=adapter, artifacts=artifacts, data=Path(cfg.bench_data), output=out / "bench",
+                              threads=cfg.bench_threads, max_rows=cfg.bench_max_rows, strict=cfg.strict,
+                              overwrite=True, **cfg.bench_extra))
 
     result.append(("bench", report.is_file, run_bench))
     return result
