@@ -64,13 +64,13 @@ class TrainConfig:
     # Adapter
     lora_r: int = _f(16, "LoRA rank; higher increases capacity and memory")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input (0 skips the mask: about 16% of a CPU step)")
     target_modules: str = _f("all-linear", "comma-separated module names to adapt, or all-linear")
     num_virtual_tokens: int = _f(20, "virtual tokens for prompt/prefix/p-tuning")
     # Quantization and memory
     quant_type: str = _f("nf4", "4-bit data type for --method qlora", QUANT_TYPES)
     double_quant: bool = _f(True, "quantize the 4-bit scales too (saves about 0.4 bit per weight)")
-    compute_dtype: str = _f("auto", "matmul dtype: auto = bf16 on GPUs that support it, fp32 on CPU", COMPUTE_DTYPES)
+    compute_dtype: str = _f("auto", "matmul dtype: auto = bf16 on GPUs and CPUs with bf16 instructions, else fp16 (GPU) / fp32 (CPU)", COMPUTE_DTYPES)
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     device: str = _f("auto", "where to train", DEVICES)
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
