@@ -57,6 +57,12 @@ class EdgeftGroup(click.Group):
         except MemoryError:
             click.echo(f"edgeft: error: {OOM_HINT}", err=True)
             sys.exit(1)
+        except Exception as e:  # a bug, not bad input: still one line, with a way to see more
+            if os.environ.get("EDGEFT_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            click.echo(f"edgeft: internal error: {type(e).__name__}: {first} (set EDGEFT_DEBUG=1 for the traceback)", err=True)
+            sys.exit(70)
         sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -28,7 +28,8 @@ def greedy_answers(model: Any, tok: Any, prompts: list[list[dict[str, str]]], ma
     out = []
     for i in range(0, len(prompts), batch_size):
         texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                  return_token_type_ids=False).to(model.device)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)

@@ -50,7 +50,8 @@ def default_gguf_path() -> Path:
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    # The version tag invalidates caches written by an older conversion.
+    key = hashlib.sha256(f"v2:{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return edgeft_home() / "models" / f"{gguf.stem}-{key}"
 
 
@@ -153,6 +154,7 @@ def _tokenizer_from_gguf_metadata(tok: Any, meta: dict[str, Any]) -> Any:
         chat_template=meta.get("tokenizer.chat_template") or tok.chat_template,
         clean_up_tokenization_spaces=False,
         model_max_length=tok.model_max_length,
+        model_input_names=["input_ids", "attention_mask"],  # decoder-only: no token_type_ids
     )
 
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from edgeft.cli import cli
 from edgeft.config import TrainConfig, load_yaml, validate
 
-CONFIGS = sorted((Path(__file__).parent.parent / "edgeft" / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).parent.parent / "edgeft" / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name != "pipeline.yaml")
 
 
 def invoke(*args):
@@ -112,3 +113,28 @@ def test_import_gguf_rejects_non_gguf(tmp_path):
     r = invoke("import-gguf", str(p))
     assert r.exit_code == 1
     assert error_line(r) == f"edgeft: error: {p}: not a GGUF file (bad magic)"
+
+
+def test_shipped_pipeline_example_loads(tmp_path, good):
+    from edgeft.pipeline import load_pipeline
+
+    text = (CONFIG_DIR / "pipeline.yaml").read_text()
+    text = text.replace("train.jsonl", str(good)).replace("eval.jsonl", str(good)).replace("runs/", f"{tmp_path}/")
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    cfg = load_pipeline(p)
+    assert cfg.onnx == ["fp32", "int8"] and cfg.gguf == ["f16", "q8_0", "q4_k_m"]
+    assert cfg.train.output == str(tmp_path / "pipeline" / "adapter") and cfg.bench_extra["new_tokens"] == 128
+
+
+def test_pipeline_yaml_errors_name_the_key(tmp_path, good):
+    p = tmp_path / "p.yaml"
+    p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}, lr: fast}}\nexport: {{gguf: [q3_k]}}\n")
+    r = invoke("run", "--config", str(p))
+    assert r.exit_code == 2 and "'lr' must be float, got str 'fast'" in error_line(r)
+    p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}}}\nexport: {{gguf: [q3_k]}}\n")
+    r = invoke("run", "--config", str(p))
+    assert r.exit_code == 2 and "export.gguf: unknown variant(s) q3_k" in error_line(r)
+    p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}}}\nbenchh: {{}}\n")
+    r = invoke("run", "--config", str(p))
+    assert r.exit_code == 2 and "unknown key(s) 'benchh'" in error_line(r)
