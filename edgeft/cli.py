@@ -162,7 +162,7 @@ def run_cmd(config_file: Path) -> None:
 @cli.command("demo")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Where the demo writes its task, adapter, merged model, exports and summary.")
-@click.option("--steps", type=int, default=60, show_default=True, help="QLoRA optimizer steps.")
+@click.option("--steps", type=int, default=40, show_default=True, help="QLoRA optimizer steps.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming finished stages.")
 def demo_cmd(output: Path, steps: int, overwrite: bool) -> None:
     """The whole pipeline on the embedded SmolLM2-135M-Instruct and a built-in task (resumable)."""

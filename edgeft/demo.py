@@ -50,11 +50,12 @@ def demo_pipeline(output: Path, steps: int) -> "PipelineConfig":
     train = TrainConfig(data=str(train_file), output=str(output / "adapter"), method="qlora", max_steps=steps,
                         batch_size=8, max_seq_len=128, lr=1e-3, lr_scheduler="cosine", warmup_steps=5, lora_r=16,
                         lora_alpha=32, eval_split=0.1, eval_every=20, save_every=20, seed=0)
+    # Sized to finish on 2 CPU cores in about 10 minutes; `edgeft run` takes the full settings.
     return PipelineConfig(output=output, train=train, onnx=["int8"], gguf=["q4_k_m"], bench_data=str(eval_file),
-                          bench_max_rows=64, bench_extra={"repeats": 2, "warmup": 1, "new_tokens": 64})
+                          bench_max_rows=32, bench_extra={"repeats": 2, "warmup": 1, "new_tokens": 64})
 
 
-def run_demo(output: Path, *, steps: int = 60, overwrite: bool = False) -> dict[str, Any]:
+def run_demo(output: Path, *, steps: int = 40, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo pipeline into ``output``; returns the summary written to demo.json."""
     import shutil
 

@@ -1,8 +1,9 @@
 """A small built-in task, generated deterministically, that fine-tuning visibly improves.
 
-Short product reviews built from templates; the answer is one word, ``positive`` or
-``negative``. An instruct model asked zero-shot tends to answer with a sentence, so exact
-match of the normalised answer is low before fine-tuning and high after.
+Short product reviews built from templates; the answer names the product and the sentiment in a
+fixed form, ``<product>, <positive|negative>`` (e.g. ``coffee maker, negative``). An instruct
+model asked zero-shot answers in its own words, so exact match of the normalised answer is low
+before fine-tuning; after a few dozen QLoRA steps it is high.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 import re
 from pathlib import Path
 
-INSTRUCTION = "Classify the sentiment of this review. Answer with one word: positive or negative."
+INSTRUCTION = "Name the product and the sentiment (positive or negative) of this review."
 _ITEMS = ["phone", "laptop", "coffee maker", "backpack", "headset", "blender", "keyboard", "tent", "jacket", "lamp",
           "printer", "camera", "watch", "kettle", "chair", "speaker", "monitor", "bicycle", "vacuum", "router"]
 _POS = ["excellent", "reliable", "sturdy", "delightful", "fast", "comfortable", "brilliant", "well made", "quiet", "superb"]
@@ -35,9 +36,12 @@ def make_rows(n: int, seed: int) -> list[dict[str, str]]:
         positive = rng.random() < 0.5
         words = _POS if positive else _NEG
         adj, adj2 = rng.sample(words, 2)
-        review = rng.choice(_TEMPLATES).format(item=rng.choice(_ITEMS), adj=adj, adj2=adj2,
+        review = rng.choice(_TEMPLATES).format(item="{item}", adj=adj, adj2=adj2,
                                                coda=rng.choice(_CODA[positive]), expect=_EXPECT[positive])
-        rows.append({"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"})
+        item = rng.choice(_ITEMS)
+        review = review.replace("{item}", item)
+        rows.append({"instruction": INSTRUCTION, "input": review,
+                     "output": f"{item}, {'positive' if positive else 'negative'}"})
     return rows
 
 

@@ -526,6 +526,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     stream = batches.stream(state["micro"])
     t_start = time.perf_counter()
     tokens_at_start = state["tokens"]
+    start_step = state["step"]
     with step_progress("train", "loss", "lr", "tps") as bar, open(metrics_path, "a") as mlog:
         task = bar.add_task("train", total=total_steps, completed=state["step"], loss="", lr="", tps="")
         try:
@@ -574,6 +575,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     mlog.write(json.dumps(rec) + "\n")
                     mlog.flush()
                 bar.update(task, completed=state["step"], loss=f"loss {last_loss:.4f}", lr=f"lr {lr:.2e}", tps=f"{tps:.0f} tok/s")
+                if bar.disable and (state["step"] % max(1, total_steps // 10) == 0 or state["step"] == total_steps):
+                    eta = (total_steps - state["step"]) * elapsed / max(1, state["step"] - start_step)
+                    say(f"step {state['step']}/{total_steps}  loss {last_loss:.4f}  lr {lr:.2e}  {tps:.0f} tok/s  "
+                        f"ETA {eta:.0f}s")
                 if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
                     stopped_early = True
                     say(f"early stop at step {state['step']}: eval loss did not improve for {state['bad_evals']} evaluations")

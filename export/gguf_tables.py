@@ -1,0 +1,292 @@
+"""Data tables for the GGUF export: architectures, tensor types, pre-tokenizers, chat formats.
+
+Pure data and tiny pure functions, no I/O: the writer in ``export/gguf.py`` reads these rows.
+Each row says where its facts come from. Tensor names are not here: gguf-py's
+``TensorNameMap`` maps Hugging Face names to GGUF names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one Hugging Face ``architectures[0]`` becomes a llama.cpp model."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    # llama.cpp's rotary embedding pairs dimensions (i, i + 1) inside each head, HF pairs
+    # (i, i + head_dim / 2): the q/k rows of LlamaModel checkpoints are reordered on the way in
+    # (convert_hf_to_gguf.py, LlamaModel.permute). Qwen2 GGUFs keep the HF ("neox") layout.
+    permute_qk: bool
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    # Llama 2/3, TinyLlama, SmolLM/SmolLM2 (convert_hf_to_gguf.py: LlamaModel)
+    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    # Mistral 7B is a llama graph in llama.cpp (LlamaModel handles MistralForCausalLM)
+    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    # Qwen2/Qwen2.5: q/k/v biases, neox RoPE (convert_hf_to_gguf.py: Qwen2Model)
+    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+}
+
+# HF buffers that are recomputed at load time and have no GGUF tensor.
+SKIPPED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
+
+# RoPE scaling kinds (``rope_scaling.rope_type``) the writer knows how to express.
+# "llama3" becomes a ``rope_freqs`` tensor, "linear"/"yarn" become metadata keys.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+# --------------------------------------------------------------------------------------------
+# Output types
+# --------------------------------------------------------------------------------------------
+
+LFT = gguf.LlamaFileType
+F32, F16, BF16, Q8_0, Q6_K = (gguf.GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q6_K"))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One ``--type``: how it is produced, what it keeps at higher precision, the bar it must meet."""
+
+    file_type: gguf.LlamaFileType
+    direct: bool  # f32/f16/bf16 are written directly; the others go through llama.cpp's quantizer
+    # token_embd type (tied models reuse it as the output projection); None: llama.cpp's choice
+    embed_type: gguf.GGMLQuantizationType | None
+    # (regex on GGUF tensor names, type) kept above the file type (llama.cpp tt_overrides)
+    keep: tuple[tuple[str, gguf.GGMLQuantizationType], ...]
+    min_top1: float  # teacher-forced top-1 agreement with the merged PyTorch model
+    max_mean_kl: float  # mean KL(PyTorch || GGUF) in nats
+    bits_per_weight: float  # for the disk-space estimate only (upper end)
+
+
+# Per-tensor precision, measured on SmolLM2-135M-Instruct (30 layers, n_embd 576, GQA 9/3
+# heads, tied embeddings) over the 745 teacher-forced positions of LOGIT_SAMPLES + a chat turn,
+# llama.cpp CPU (llama-cpp-python 0.3.36). One standard error of top-1 is ~0.8 points here;
+# mean KL is the steadier figure and the one the choices were made on.
+#
+#   type    kept above the type                 MiB   top-1   mean KL
+#   q8_0    (llama.cpp default)               138.1  0.945   0.0052
+#   q8_0    token_embd f16                    163.4  0.950   0.0051   +25 MiB for nothing
+#   q8_0    attn_v f16                        141.1  0.948   0.0040   <- chosen (+3 MiB, -23 % KL)
+#   q8_0    attn_v + attn_output f16          150.0  0.957   0.0035
+#   q8_0    attn_q/k f16                      150.0  0.941   0.0051
+#   q8_0    attn_q/k/v f16                    152.9  0.950   0.0034
+#   q8_0    ffn_down f16 (+ token_embd f16)   187.1  0.964   0.0034
+#   q8_0    layers 0-2, 28, 29 f16            153.9  0.954   0.0040
+#   q4_k_m  (llama.cpp default)               100.6  0.859   0.0701
+#   q4_k_m  token_embd f16                    125.9  0.870   0.0728   +25 MiB, KL no better
+#   q4_k_m  attn_v f16                        104.2  0.879   0.0543
+#   q4_k_m  attn_v f16 + ffn_down q8_0        113.8  0.878   0.0407   <- chosen (+13 %, -42 % KL)
+#   q4_k_m  ffn_down q5_0                     100.7  0.851   0.0975
+#   q6_k    (llama.cpp default)               132.0  0.929   0.0162
+#   q5_k_m  (llama.cpp default)               106.9  0.860   0.0852
+#
+# What the figures say:
+# - token_embd/output: llama.cpp already keeps a tied embedding at q8_0 in every k-quant
+#   (576 is not a multiple of 256); raising it to f16 costs 18 % of the file and buys nothing.
+# - attn_v is the sensitive tensor: with GQA each value row feeds three query heads, and it is
+#   only 2.5 % of the weights. f16 for it is the best agreement per byte in every type.
+# - llama.cpp's CPU kernels quantize the activations too (to 8 bits per 32 or 256 values) for
+#   every quantized weight, so half of q8_0's loss is not in the file at all (a PyTorch
+#   simulation: q8_0 weights alone 0.968 top-1, q8_0 activations alone 0.973, both 0.948). The
+#   loss is spread evenly over the layers (a per-layer scan), so no small set of tensors brings
+#   q8_0 to 98 % top-1 on this model; only f16/bf16 do.
+# - n_embd 576 is not a multiple of 256, so the k-quants fall back to q5_0 (q4_k_m), q5_1
+#   (q5_k_m) or q8_0 (q6_k) for everything but ffn_down; q5_k_m ends up no better than q4_k_m.
+#
+# The bars sit about three standard errors below these figures: a sound export passes, a broken
+# one (wrong RoPE permutation, wrong tokenizer, wrong tensor) lands far below them.
+_KEEP_V = (r"attn_v\.weight", F16)
+_KEEP_DOWN = (r"ffn_down\.weight", Q8_0)
+QUANT_TYPES: dict[str, QuantSpec] = {
+    "f32": QuantSpec(LFT.ALL_F32, direct=True, embed_type=None, keep=(),
+                     min_top1=0.99, max_mean_kl=1e-3, bits_per_weight=32),
+    "f16": QuantSpec(LFT.MOSTLY_F16, direct=True, embed_type=None, keep=(),
+                     min_top1=0.99, max_mean_kl=1e-3, bits_per_weight=16),
+    "bf16": QuantSpec(LFT.MOSTLY_BF16, direct=True, embed_type=None, keep=(),
+                      min_top1=0.99, max_mean_kl=2e-3, bits_per_weight=16),
+    "q8_0": QuantSpec(LFT.MOSTLY_Q8_0, direct=False, embed_type=None, keep=(_KEEP_V,),
+                      min_top1=0.93, max_mean_kl=0.01, bits_per_weight=16),
+    "q6_k": QuantSpec(LFT.MOSTLY_Q6_K, direct=False, embed_type=None, keep=(_KEEP_V,),
+                      min_top1=0.90, max_mean_kl=0.03, bits_per_weight=16),
+    "q5_k_m": QuantSpec(LFT.MOSTLY_Q5_K_M, direct=False, embed_type=None, keep=(_KEEP_V, _KEEP_DOWN),
+                        min_top1=0.83, max_mean_kl=0.10, bits_per_weight=16),
+    "q4_k_m": QuantSpec(LFT.MOSTLY_Q4_K_M, direct=False, embed_type=None, keep=(_KEEP_V, _KEEP_DOWN),
+                        min_top1=0.83, max_mean_kl=0.10, bits_per_weight=16),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+# The byte-level BPE split regexes llama.cpp implements, keyed by ``tokenizer.ggml.pre``
+# (llama-vocab.cpp, llm_tokenizer_bpe). Hugging Face writes them in tokenizer.json as a
+# ``Split`` pre-tokenizer (Llama 3, Qwen2) or implies the GPT-2 one with ``ByteLevel(use_regex)``.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Split regex found in tokenizer.json -> tokenizer.ggml.pre
+SPLIT_REGEX_PRE: dict[str, str] = {
+    LLAMA3_REGEX: "llama-bpe",  # Llama 3.x (llama.cpp also sets ignore_merges for it)
+    QWEN2_REGEX: "qwen2",  # Qwen2/2.5
+    GPT2_REGEX: "gpt-2",
+}
+
+
+def pick_bpe_pre(split_regexes: list[str], byte_level_regex: bool, individual_digits: bool,
+                 multi_digit_tokens: bool, clean_up_spaces: bool) -> tuple[str, str]:
+    """``tokenizer.ggml.pre`` for a byte-level BPE tokenizer, and why it was picked.
+
+    llama.cpp has no generic pre-tokenizer: the value names one of its built-in split rules.
+    Known regexes map exactly. The GPT-2 rule exists twice in llama.cpp: "gpt-2" and
+    "smollm" (= split digits one by one first, keep spaces on decode). A SmolLM/StarCoder
+    tokenizer (``Digits(individual_digits)`` + GPT-2) is "smollm"; so is a bare GPT-2-regex
+    tokenizer whose vocabulary has no multi-digit token (the digit split is then a no-op, as for
+    SmolLM2 tokenizers that transformers rebuilt from a GGUF) unless it asks for
+    clean-up of spaces on decode, which is "gpt-2". An unknown regex gets the nearest rule by
+    its number handling (``\\p{N}{1,3}`` -> llama-bpe, ``\\p{N}`` -> qwen2, else gpt-2); the
+    tokenisation check after export then says whether that was good enough.
+    """
+    for rx in split_regexes:
+        if rx in SPLIT_REGEX_PRE:
+            return SPLIT_REGEX_PRE[rx], "known split regex"
+    if split_regexes:
+        rx = split_regexes[0]
+        if r"\p{N}{1,3}" in rx:
+            return "llama-bpe", "unknown split regex; nearest: numbers in groups of 3"
+        if re.search(r"\\p\{N\}(?![+{])", rx):
+            return "qwen2", "unknown split regex; nearest: single-digit numbers"
+        return "gpt-2", "unknown split regex; nearest: GPT-2"
+    if byte_level_regex:
+        if individual_digits:
+            return "smollm", "ByteLevel GPT-2 regex with individual digits"
+        if not multi_digit_tokens and not clean_up_spaces:
+            return "smollm", "ByteLevel GPT-2 regex, no multi-digit tokens, no space clean-up"
+        return "gpt-2", "ByteLevel GPT-2 regex"
+    return "gpt-2", "no split rule found; GPT-2 assumed"
+
+
+# --------------------------------------------------------------------------------------------
+# Chat formats for the Ollama Modelfile
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template family recognised by a marker string, written as an Ollama Go template."""
+
+    name: str
+    marker: str  # present in the Jinja chat template
+    ollama_template: str
+    stops: tuple[str, ...]  # end-of-turn strings (plus the EOS token, added by the writer)
+
+
+CHAT_FORMATS: tuple[ChatFormat, ...] = (
+    ChatFormat(
+        "chatml",  # SmolLM2, Qwen2, many fine-tunes
+        "<|im_start|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        "{{ end }}<|im_start|>assistant\n",
+        ("<|im_end|>", "<|im_start|>"),
+    ),
+    ChatFormat(
+        "llama3",  # Llama 3.x instruct
+        "<|start_header_id|>",
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|eot_id|>", "<|start_header_id|>"),
+    ),
+    ChatFormat(
+        "zephyr",  # TinyLlama-Chat
+        "<|user|>",
+        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}<|assistant|>\n",
+        ("</s>", "<|user|>"),
+    ),
+)
+
+
+def find_chat_format(template: str | None) -> ChatFormat | None:
+    """The chat family of a Jinja template, or None when it is not one we can translate."""
+    if not template:
+        return None
+    return next((f for f in CHAT_FORMATS if f.marker in template), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification inputs
+# --------------------------------------------------------------------------------------------
+
+# Tokenisation samples: prose, numbers, code, whitespace runs, unicode (accents, CJK, emoji,
+# combining marks), and text with special tokens written out. The chat-formatted prompt is
+# added at run time from the model's own template.
+TOKENIZER_SAMPLES: tuple[str, ...] = (
+    "Hello, world! How are you today?",
+    "The year 2024 had 366 days; 3.14159 * 2 = 6.28318, and 1,000,000 is a million.",
+    "  leading spaces, trailing spaces   \n\n\tand a tab\r\nand CRLF\n   \n",
+    "def f(x):\n    return x ** 2  # square\n\nprint(f(12))\n",
+    "Café naïve façade — “quotes” ‘single’ … ñ ü ß Ærøskøbing",
+    "日本語のテキストと中文文本, 한국어 텍스트, Ελληνικά, русский текст, עברית, العربية",
+    "emoji 🙂🚀👍🏽 and zwj 👨‍👩‍👧 and e\u0301 combining",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "don't won't it's we'll they've I'm you'd",
+    "",
+)
+
+# Teacher-forced logit comparison: a few hundred positions of ordinary text in different
+# registers, plus one chat turn (added at run time) so chat-format positions are covered.
+LOGIT_SAMPLES: tuple[str, ...] = (
+    "The quick brown fox jumps over the lazy dog. Meanwhile, in the village, the baker was "
+    "preparing bread for the morning market, as she had done every day for thirty years. "
+    "Her customers knew her by name and always asked about her garden.",
+    "Photosynthesis is the process by which green plants and some other organisms use sunlight "
+    "to synthesize foods from carbon dioxide and water. It generally involves the green pigment "
+    "chlorophyll and generates oxygen as a by-product.",
+    "To install the package, run pip install requests, then import it in your script:\n\n"
+    "import requests\nresponse = requests.get('https://example.com')\nprint(response.status_code)\n",
+    "Paris is the capital of France. Berlin is the capital of Germany. Madrid is the capital of "
+    "Spain. Rome is the capital of Italy. Lisbon is the capital of Portugal.",
+    "In 1969, Neil Armstrong became the first person to walk on the Moon. The Apollo 11 mission "
+    "launched on July 16 and landed four days later; the crew returned safely on July 24.",
+    "Once upon a time, a small robot lived in a workshop full of tools. Every night, after the "
+    "inventor went to sleep, the robot would quietly fix the broken toys left on the shelves.",
+    "Dear team,\n\nThank you all for your hard work this quarter. Sales grew by 12% compared with "
+    "last year, and customer satisfaction reached its highest level since we started measuring it. "
+    "Please join us on Friday at 4 pm for a small celebration in the main hall.\n\nBest regards,\nAnna",
+    "The water cycle describes how water moves between the oceans, the atmosphere and the land. "
+    "Heat from the sun evaporates water, which rises, cools and condenses into clouds. When the "
+    "droplets grow heavy enough, they fall as rain or snow, flow into rivers and return to the sea.",
+    "Recipe for pancakes: mix two cups of flour, two eggs, one and a half cups of milk, a spoon of "
+    "sugar and a pinch of salt. Let the batter rest for ten minutes, then cook each pancake in a hot "
+    "pan until bubbles form on the surface, flip it, and cook for another minute.",
+    "SELECT name, COUNT(*) AS orders FROM customers JOIN orders ON customers.id = orders.customer_id "
+    "WHERE orders.created_at > '2023-01-01' GROUP BY name ORDER BY orders DESC LIMIT 10;",
+    "Regular exercise improves heart health, strengthens muscles and bones, and helps control "
+    "weight. Experts recommend at least 150 minutes of moderate activity every week, such as brisk "
+    "walking, cycling or swimming, combined with two days of strength training.",
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press. Books became cheaper, literacy "
+    "spread across Europe, and new ideas travelled faster than ever before.",
+    "Q: How many legs does a spider have?\nA: A spider has eight legs.\nQ: What do bees make?\n"
+    "A: Bees make honey and wax.\nQ: Which planet is closest to the Sun?\nA: Mercury.",
+    "Machine learning models learn patterns from data. A model is trained by adjusting its "
+    "parameters to reduce the error on examples, and then evaluated on data it has never seen to "
+    "estimate how well it will generalize to new inputs.",
+)
+
+CHAT_PROBE = "Explain in a few sentences why the sky is blue."  # an answer longer than the token budget
+GREEDY_NEW_TOKENS = 32
