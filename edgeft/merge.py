@@ -101,6 +101,11 @@ GAP_KL_FACTOR = 2.0  # mean KL <= factor * the gap's mean KL
 # SmolLM2-135M: bf16 KL 1e-4 and one top-1 flip in 108, fp16 KL 2e-6.
 DTYPE_KL_SLACK = {"fp32": 0.0, "fp16": 1e-3, "bf16": 5e-3}
 DTYPE_TOP1_SLACK = {"fp32": 0.0, "fp16": 0.02, "bf16": 0.04}
+# A reference trained with 16-bit compute (bf16 on GPUs and on CPUs with bf16 instructions)
+# carries that rounding in every matmul, while the merged model is compared in fp32. Measured
+# on the demo's adapter (bf16 compute, 40 steps): top-1 0.991, mean KL 1.8e-3.
+COMPUTE_KL_SLACK = {"float32": 0.0, "float16": 2e-3, "bfloat16": 5e-3}
+COMPUTE_TOP1_SLACK = {"float32": 0.0, "float16": 0.01, "bfloat16": 0.02}
 # Skip the second policy's figures for models this large (another fp32 copy of the base).
 OTHER_POLICY_MAX_PARAMS = 1_500_000_000
 
@@ -624,9 +629,12 @@ def _record(plan: MergePlan, figures: dict[str, dict[str, Any]], merge_fig: dict
         else:
             top1_min, kl_max = TOP1_MIN, MEAN_KL_MAX
         fig = figures[plan.policy]
+        compute = plan.quant.compute_dtype if plan.quant is not None else "float32"
+        ref_top1_slack = top1_slack + COMPUTE_TOP1_SLACK.get(compute, 0.0)
+        ref_kl_slack = kl_slack + COMPUTE_KL_SLACK.get(compute, 0.0)
         checks += [
-            Check("top1_agreement", fig["top1_agreement"], round(top1_min - top1_slack, 4), ">="),
-            Check("mean_kl", fig["mean_kl"], float(f"{kl_max + kl_slack:.4g}"), "<="),
+            Check("top1_agreement", fig["top1_agreement"], round(top1_min - ref_top1_slack, 4), ">="),
+            Check("mean_kl", fig["mean_kl"], float(f"{kl_max + ref_kl_slack:.4g}"), "<="),
             # the merge arithmetic itself: merged vs the unmerged adapter on the very same base weights
             Check("merge_top1_agreement", merge_fig["top1_agreement"], round(TOP1_MIN - top1_slack, 4), ">="),
             Check("merge_mean_kl", merge_fig["mean_kl"], float(f"{MEAN_KL_MAX + kl_slack:.4g}"), "<="),
