@@ -311,15 +311,11 @@ def _read_adapter_weights(adapter: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _read_run(adapter: Path) -> dict[str, Any] | None:
-    path = adapter / RUN_FILE
-    if not path.is_file():
+    from runtime.artifacts import read_run
+
+    run = read_run(adapter)
+    if not run:
         return None
-    try:
-        run = json.loads(path.read_text())
-    except ValueError as e:
-        raise EdgeftError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(run, dict):
-        raise EdgeftError(f"{path}: expected a JSON object")
     if run.get("status") == "running":  # `edgeft train` writes the adapter only when it completes
         raise EdgeftError(f"--adapter {adapter}: training has not completed ({RUN_FILE} status running); "
                           "finish it with `edgeft train ... --resume`")

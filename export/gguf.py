@@ -640,15 +640,9 @@ def _captured_stderr() -> Iterator[Path]:
 
 
 def _import_llama_cpp() -> Any:
-    # A llama.cpp abort would otherwise run gdb to print a backtrace.
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-    try:
-        import llama_cpp
-    except ImportError:
-        raise EdgeftError("llama-cpp-python is not installed; pip install 'llama-cpp-python>=0.3.16,<0.4'") from None
-    # llama.cpp logs every tensor it loads or quantizes; keep errors only.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    return llama_cpp
+    from runtime.backends import import_llama_cpp  # one place sets up llama.cpp's logging and abort handling
+
+    return import_llama_cpp()
 
 
 # --------------------------------------------------------------------------------------------

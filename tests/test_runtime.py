@@ -127,11 +127,16 @@ def test_backends_agree_with_the_unmerged_reference(bench_run, adapter, artifact
     for name, kind, precision in (("merged", "merged", "fp32"), ("onnx", "onnx", "fp32"), ("tiny-f16.gguf", "gguf", "f16")):
         e = entries[name]
         assert (e["kind"], e["precision"], e["verification"]) == (kind, precision, "passed")
-        assert e["top1_agreement"] >= 0.99, (name, e["top1_agreement"])
         assert e["compared_positions"] == ref["compared_positions"] > EVAL_ROWS * 5
     # Merged (nf4-dequant) and ONNX fp32 reproduce the 4-bit model as trained up to float rounding.
+    assert entries["merged"]["top1_agreement"] >= 0.99 and entries["onnx"]["top1_agreement"] >= 0.99
     assert entries["merged"]["mean_kl"] < 1e-6 and entries["onnx"]["mean_kl"] < 1e-6
-    assert entries["tiny-f16.gguf"]["mean_kl"] < 1e-3
+    # llama.cpp f16: distributions agree to KL ~1e-5, but this random tiny model has many
+    # near-tied top-2 logits, which f16 activations flip (measured 0.966-0.993 top-1 here; the real
+    # model gives 0.998). KL is the bar that separates a faithful export from a broken one.
+    assert entries["tiny-f16.gguf"]["mean_kl"] < 1e-4
+    assert entries["tiny-f16.gguf"]["top1_agreement"] >= 0.95
+    assert entries["tiny-f16.gguf"]["generation_agreement"] == 1.0
     assert entries["merged"]["generation_agreement"] == 1.0 and entries["onnx"]["generation_agreement"] == 1.0
     # Teacher-forced perplexity of the answers is the reference's wherever the logits are.
     assert entries["merged"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
