@@ -869,13 +869,21 @@ def _optimum_generate(onnx_dir: Path, refs: Sequence[Reference]) -> dict[str, An
             ids = torch.tensor([r.prompt])
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
             new = out[0, len(r.prompt):].tolist()
-            matched += int(new == r.continuation)
+            # generate() may still stop at the model's own end-of-sequence tokens (its generation
+            # config fills fields left unset): then the tokens up to that stop must match.
+            ref = r.continuation[: len(new)] if len(new) < n and new and new[-1] in _stop_ids(model) else r.continuation
+            matched += int(new == ref)
             prefix += next((i for i, (a, b) in enumerate(zip(new, r.continuation)) if a != b), min(len(new), n))
             total += n
     except Exception as e:
         return {"generated": False, "matches_reference": False, "error": _one_line(e)}
     return {"generated": True, "matches_reference": matched == len(refs),
             "matching_samples": f"{matched}/{len(refs)}", "matching_prefix_fraction": prefix / total if total else 1.0}
+
+
+def _stop_ids(model: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def _tokenizer_matches(onnx_dir: Path, tokenizer: Any) -> bool:
