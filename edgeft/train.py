@@ -38,7 +38,7 @@ CURVES_FILE = "curves.png"
 CKPT_DIR = "checkpoints"
 # Model families whose output is plain ``lm_head(final_hidden)``: the loss can skip the
 # projection of prompt and pad positions. Others go through the model's own forward.
-SELECTIVE_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "granite_no"}
+SELECTIVE_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"}
 # Config keys that must match for --resume to continue exactly.
 RESUME_KEYS = ("model", "data", "eval_data", "schema", "method", "max_seq_len", "packing", "batch_size", "grad_accum",
                "lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "optimizer", "seed", "lora_r",
