@@ -267,7 +267,10 @@ class TokenStats:
 
 
 def _chat_template(tokenizer: Any) -> str:
-    return tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates ("default", "tool_use", ...): chat rows use the default
+        template = template.get("default")
+    return template or FALLBACK_CHAT_TEMPLATE
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], gen_prompt: bool) -> str:

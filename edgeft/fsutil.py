@@ -1,13 +1,14 @@
 """Atomic file and directory writes, and a disk-space check.
 
 A writer never leaves a half-written artifact under its final name: it writes to a temporary
-sibling (same filesystem) and renames when complete. A crash leaves only ``*.partial`` names,
-which the next run removes.
+sibling (same filesystem) and renames when complete. A crash leaves only ``.NAME.PID*.partial``
+names, which the next write of ``NAME`` removes once process PID is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -28,11 +29,37 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(final: Path) -> None:
+    """Remove what interrupted writes of ``final`` left beside it (``.NAME.PID[.*].partial``).
+
+    Only leftovers of processes that are gone: a concurrent writer keeps its temporary files.
+    """
+    prefix = f".{final.name}."
+    for p in final.parent.glob(glob.escape(prefix) + "*" + PARTIAL_SUFFIX):
+        pid = p.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final)
     tmp = final.with_name(f".{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
@@ -55,6 +82,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final)
     tmp = final.with_name(f".{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -63,7 +91,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         if final.exists():
             if not overwrite:
                 raise EdgeftError(f"{final} already exists; pass --overwrite to replace it")
-            old = final.with_name(f".{final.name}.{os.getpid()}.old")
+            old = final.with_name(f".{final.name}.{os.getpid()}.old{PARTIAL_SUFFIX}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -72,6 +72,9 @@ def import_gguf(gguf: str | os.PathLike, output: str | os.PathLike | None = None
     out = Path(output) if output else _gguf_cache_dir(gguf)
     if (out / "config.json").is_file() and not overwrite:
         return out
+    from runtime.weights import check_gguf_complete
+
+    check_gguf_complete(gguf)  # transformers would fail deep inside numpy on a short file
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -215,10 +218,25 @@ def load_tokenizer(model: str, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise EdgeftError(f"{model}: cannot load tokenizer: {_one_line(e)}") from None
+    _check_template_names(tok, model)
     if tok.pad_token_id is None:
         # Padding is masked out of attention and loss; any id works, EOS is the usual choice.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_template_names(tok: Any, model: str) -> None:
+    """Refuse named chat templates whose name holds a path.
+
+    ``save_pretrained`` writes each named template to ``additional_chat_templates/NAME.jinja``,
+    so a name such as ``../../x`` or ``/x`` in a tokenizer config would be written outside the
+    output directory of every command that saves the tokenizer (train, merge, export onnx).
+    """
+    names = tok.chat_template if isinstance(tok.chat_template, dict) else {}
+    for name in names:
+        if not name or name in {".", ".."} or any(c in name for c in "/\\\0"):
+            raise EdgeftError(f"{model}: tokenizer_config.json: chat_template name {name!r} holds a path; "
+                              "it would be written outside the output directory (rename the template)")
 
 
 def tokenizer_model_type(model_dir: str | os.PathLike) -> str | None:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from edgeft.config import TrainConfig, coerce, validate
 from edgeft.errors import ConfigError
 from edgeft.progress import say
+from edgeft.records import passed_and_bound
 
 ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
 GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
@@ -139,18 +140,6 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     return cfg
 
 
-def _passed(artifact: Path) -> bool:
-    from edgeft.records import record_path
-
-    rp = record_path(artifact)
-    if not artifact.exists() or not rp.is_file():
-        return False
-    try:
-        return json.loads(rp.read_text()).get("status") == "passed"
-    except ValueError:
-        return False
-
-
 def artifact_paths(cfg: PipelineConfig) -> list[Path]:
     out = cfg.output
     paths = [out / "merged"]
@@ -181,7 +170,7 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
         _verdict(rec)
 
     result: list[tuple[str, Callable[[], bool], Callable[[], None]]] = [
-        ("train", train_done, run_train), ("merge", lambda: _passed(merged), run_merge)]
+        ("train", train_done, run_train), ("merge", lambda: passed_and_bound(merged), run_merge)]
     for v in cfg.onnx:
         target = out / f"onnx-{v}"
 
@@ -190,7 +179,7 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
 
             _verdict(export_onnx(merged, target, quantize=None if v == "fp32" else v, overwrite=True))
 
-        result.append((f"export onnx {v}", lambda t=target: _passed(t), run_onnx))
+        result.append((f"export onnx {v}", lambda t=target: passed_and_bound(t), run_onnx))
     for v in cfg.gguf:
         target = out / f"model.{v}.gguf"
 
@@ -199,13 +188,13 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
 
             _verdict(export_gguf(merged, target, qtype=v, overwrite=True))
 
-        result.append((f"export gguf {v}", lambda t=target: _passed(t), run_gguf))
+        result.append((f"export gguf {v}", lambda t=target: passed_and_bound(t), run_gguf))
     report = out / "bench" / "report.json"
 
     def run_bench() -> None:
         from runtime.bench import BenchConfig, run_bench
 
-        artifacts = [p for p in artifact_paths(cfg) if _passed(p)]
+        artifacts = [p for p in artifact_paths(cfg) if passed_and_bound(p)]
         if not artifacts:
             say("  [yellow]no artifact passed verification; nothing to benchmark[/]")
             return
@@ -221,7 +210,7 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
             covered = {str(Path(e["path"]).resolve()) for e in json.loads(report.read_text())["entries"]}
         except (ValueError, KeyError, TypeError):
             return False
-        return {str(p.resolve()) for p in artifact_paths(cfg) if _passed(p)} <= covered
+        return {str(p.resolve()) for p in artifact_paths(cfg) if passed_and_bound(p)} <= covered
 
     result.append(("bench", bench_done, run_bench))
     return result

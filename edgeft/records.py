@@ -6,7 +6,9 @@ Record location (documented in the README):
 
 Record fields: ``artifact``, ``kind``, ``status`` ("passed" or "failed"), ``reference``
 (the model it was compared with), ``checks`` (a list of {name, value, threshold, op, passed}),
-``metrics`` (free-form figures), ``created``, ``edgeft_version``.
+``metrics`` (free-form figures), ``files`` (the bytes the verdict is about: {name: {bytes,
+sha256}} of the GGUF file, an ONNX export's ``model.onnx*``, a merged model's ``*.safetensors``),
+``created``, ``edgeft_version``. A record vouches only for files that still match ``files``.
 
 This module imports nothing heavy: ``runtime`` reads records on a device without torch.
 """
@@ -14,6 +16,7 @@ This module imports nothing heavy: ``runtime`` reads records on a device without
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import operator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +29,7 @@ from edgeft.fsutil import write_json
 
 RECORD_DIR_NAME = "edgeft-verify.json"
 RECORD_FILE_SUFFIX = ".verify.json"
+ONNX_MODEL = "model.onnx"  # an ONNX export's graph; its external data files share the prefix
 
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
 
@@ -60,6 +64,7 @@ class Record:
     reference: str
     checks: list[Check] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # set by write_record
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     edgeft_version: str = __version__
 
@@ -84,11 +89,73 @@ class Record:
         return f"{self.status.upper()}: " + ", ".join(parts)
 
 
-def write_record(artifact: str | Path, record: Record) -> Path:
-    """Write ``record`` next to ``artifact`` (atomically) and return its path."""
+def weight_files(artifact: str | Path) -> list[Path]:
+    """The files whose bytes a record vouches for: a GGUF file itself, an ONNX export's
+    ``model.onnx*``, a merged model's ``*.safetensors``."""
+    artifact = Path(artifact)
+    if not artifact.is_dir():
+        return [artifact]
+    onnx = [p for p in artifact.iterdir() if p.is_file() and p.name.startswith(ONNX_MODEL)]
+    return sorted(onnx or artifact.glob("*.safetensors"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(data: str | Path, name: str | None = None) -> dict[str, dict[str, Any]]:
+    """{file name: {bytes, sha256}} of the weight files of ``data``; ``name`` labels a single file."""
+    data = Path(data)
+    return {(name if name and not data.is_dir() else p.name): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in weight_files(data)}
+
+
+def write_record(artifact: str | Path, record: Record, *, data: str | Path | None = None) -> Path:
+    """Write ``record`` next to ``artifact`` (atomically), bound to the artifact's bytes; return its path.
+
+    ``data``: where those bytes are now, when they are not under ``artifact`` yet (a GGUF file
+    is verified and recorded under its temporary name, then renamed into place).
+    """
     path = record_path(artifact)
+    record.files = file_digests(data or artifact, name=Path(artifact).name)
     write_json(path, record.to_dict())
     return path
+
+
+def files_changed(artifact: str | Path, record: dict[str, Any]) -> str | None:
+    """Why the files of ``artifact`` are not the ones ``record`` vouches for; None when they are."""
+    want = record.get("files")
+    if not isinstance(want, dict) or not want:
+        return f"{record_path(artifact).name} names no files (written by an older edgeft); re-export it"
+    artifact = Path(artifact)
+    have = {(artifact.name if not artifact.is_dir() else p.name): p for p in weight_files(artifact) if p.exists()}
+    for name, meta in want.items():
+        path = have.pop(name, None)
+        if path is None:
+            return f"{name} is missing"
+        size, meta = path.stat().st_size, meta if isinstance(meta, dict) else {}
+        if size != meta.get("bytes"):
+            return f"{name} is {size} bytes, its verification record says {meta.get('bytes')}"
+        if _sha256(path) != meta.get("sha256"):
+            return f"{name} has changed since it was verified (sha256 differs from its record)"
+    if have:
+        return f"{sorted(have)[0]} is not covered by its verification record"
+    return None
+
+
+def passed_and_bound(artifact: str | Path) -> bool:
+    """True when ``artifact`` exists, its record passed, and its files are the ones verified."""
+    if not Path(artifact).exists():
+        return False
+    try:
+        record = read_record(artifact)
+    except EdgeftError:
+        return False
+    return record["status"] == "passed" and files_changed(artifact, record) is None
 
 
 def read_record(artifact: str | Path) -> dict[str, Any]:

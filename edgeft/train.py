@@ -29,13 +29,14 @@ from typing import Any, Iterator
 from edgeft.config import PEFT_PROMPT_METHODS, TrainConfig, to_dict
 from edgeft.data import IGNORE_INDEX, Tokenized, load_rows, pack, split_eval, tokenize_rows
 from edgeft.errors import ConfigError, EdgeftError
-from edgeft.fsutil import atomic_dir, atomic_file, clean_partials, prepare_output_dir, write_json
+from edgeft.fsutil import atomic_dir, atomic_file, clean_partials, ensure_free_space, prepare_output_dir, write_json
 from edgeft.progress import say, step_progress
 
 RUN_RECORD = "edgeft-run.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CKPT_DIR = "checkpoints"
+SAVE_SLACK_BYTES = 16 << 20  # tokenizer, configs, optimizer bookkeeping
 # Model families whose output is plain ``lm_head(final_hidden)``: the loss can skip the
 # projection of prompt and pad positions. Others go through the model's own forward.
 SELECTIVE_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2"}
@@ -336,6 +337,8 @@ def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler:
     root = out / CKPT_DIR
     root.mkdir(exist_ok=True)
     final = root / f"step-{step:07d}"
+    # trainable weights + up to two optimizer moments per weight (AdamW), rng and state files
+    ensure_free_space(final, 3 * _param_bytes(model, trainable_only=True) + SAVE_SLACK_BYTES, f"checkpoint {final.name}")
     with atomic_dir(final, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -348,6 +351,10 @@ def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler:
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _param_bytes(model: Any, *, trainable_only: bool) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -640,6 +647,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _save_final(model: Any, tok: Any, out: Path, cfg: TrainConfig) -> None:
     """The adapter (standard PEFT layout) or the full model, and the tokenizer."""
+    need = _param_bytes(model, trainable_only=cfg.method != "full") + SAVE_SLACK_BYTES
+    ensure_free_space(out, need, "the full model" if cfg.method == "full" else "the adapter")
     with atomic_dir(out / ".final", overwrite=True) as tmp:
         if cfg.method == "full":
             model.config.use_cache = True

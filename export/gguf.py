@@ -13,8 +13,8 @@ Stages, one function each:
 - ``write_modelfile``: an Ollama Modelfile beside the GGUF.
 
 The verdict is written next to the file as ``FILE.gguf.verify.json`` (``edgeft.records``); a
-failed check still writes it, marked failed. Files are written under temporary names and
-renamed when complete.
+failed check still writes it, marked failed. The GGUF is written, verified and recorded under a
+temporary name, then renamed into place: a file under the final name always has its record.
 """
 
 from __future__ import annotations
@@ -846,6 +846,8 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
     ensure_free_space(out, _space_needed(plan), "the GGUF export")
 
     timings: dict[str, float] = {}
+    # The file is verified and recorded under its temporary name, then renamed: whatever sits
+    # under the final name has its record beside it, bound to its bytes.
     with atomic_file(out) as tmp:
         t0 = time.perf_counter()
         if plan.spec.direct:
@@ -853,32 +855,33 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
             timings["write_s"] = time.perf_counter() - t0
         else:
             _write_quantized(plan, tmp, timings)
-    modelfile = write_modelfile(out, plan.vocab)
 
-    t0 = time.perf_counter()
-    say(f"verifying {out.name} against the PyTorch model")
-    checks, verify_metrics = verify_gguf(out, plan.model_dir, plan.spec, plan.vocab.hf_tokenizer)
-    timings["verify_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    record = Record(
-        artifact=str(out), kind="gguf", reference=str(plan.model_dir), checks=checks,
-        metrics={
-            "type": plan.qtype,
-            "file_size_bytes": out.stat().st_size,
-            "file_size_mib": round(out.stat().st_size / 2**20, 2),
-            **_describe(plan, out),
-            "modelfile": str(modelfile),
-            **verify_metrics,
-            "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        },
-    )
-    write_record(out, record)
+        t0 = time.perf_counter()
+        say(f"verifying {out.name} against the PyTorch model")
+        checks, verify_metrics = verify_gguf(tmp, plan.model_dir, plan.spec, plan.vocab.hf_tokenizer)
+        timings["verify_s"] = time.perf_counter() - t0
+        modelfile = write_modelfile(out, plan.vocab)
+        timings["total_s"] = time.perf_counter() - t_start
+        size = tmp.stat().st_size
+        record = Record(
+            artifact=str(out), kind="gguf", reference=str(plan.model_dir), checks=checks,
+            metrics={
+                "type": plan.qtype,
+                "file_size_bytes": size,
+                "file_size_mib": round(size / 2**20, 2),
+                **_describe(plan, tmp),
+                "modelfile": str(modelfile),
+                **verify_metrics,
+                "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            },
+        )
+        write_record(out, record, data=tmp)
     return record
 
 
 def _write_quantized(plan: ExportPlan, dst: Path, timings: dict[str, float]) -> None:
     """Lossless intermediate in the source precision, then llama.cpp's quantizer into ``dst``."""
-    # A ".partial" name: fsutil.clean_partials removes it if the process dies before the unlink.
+    # A ".NAME.PID*.partial" name: the next export to this name removes it if this process dies first.
     inter = plan.output.with_name(f".{plan.output.name}.{os.getpid()}.intermediate.partial")
     try:
         t0 = time.perf_counter()
@@ -926,54 +929,11 @@ def _describe(plan: ExportPlan, path: Path) -> dict[str, Any]:
     }
 
 
-# GGUF value type -> fixed size in bytes (gguf.GGUFValueType; 8 = string, 9 = array).
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def gguf_tensor_types(path: Path) -> dict[str, str]:
-    """Tensor name -> GGML type name, read from the GGUF header alone.
+    """Tensor name -> GGML type name, read from the GGUF header alone (``runtime.weights``)."""
+    from runtime.weights import read_gguf_header
 
-    ``gguf.GGUFReader`` decodes every metadata array into numpy views first, which takes
-    seconds for a 50k-token vocabulary; this skips over the metadata instead.
-    """
-    import gguf
-    import mmap
-    import struct
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, _version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
-        if magic != gguf.GGUF_MAGIC:
-            raise EdgeftError(f"{path}: not a GGUF file (bad magic)")
-        pos = 24
-
-        def skip_value(vtype: int, pos: int) -> int:
-            if vtype in _GGUF_SCALAR_SIZES:
-                return pos + _GGUF_SCALAR_SIZES[vtype]
-            if vtype == 8:  # string: u64 length + bytes
-                return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
-            item, count = struct.unpack_from("<IQ", buf, pos)  # array: item type, count, items
-            pos += 12
-            if item in _GGUF_SCALAR_SIZES:
-                return pos + count * _GGUF_SCALAR_SIZES[item]
-            for _ in range(count):
-                pos = skip_value(item, pos)
-            return pos
-
-        for _ in range(n_kv):
-            pos = skip_value(8, pos)  # key
-            vtype = struct.unpack_from("<I", buf, pos)[0]
-            pos = skip_value(vtype, pos + 4)
-        types: dict[str, str] = {}
-        for _ in range(n_tensors):
-            n = struct.unpack_from("<Q", buf, pos)[0]
-            name = bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8")
-            pos += 8 + n
-            n_dims = struct.unpack_from("<I", buf, pos)[0]
-            pos += 4 + 8 * n_dims
-            ttype = struct.unpack_from("<I", buf, pos)[0]
-            pos += 4 + 8  # type, data offset
-            types[name] = gguf.GGMLQuantizationType(ttype).name
-    return types
+    return {t.name: t.ggml_type for t in read_gguf_header(path).tensors}
 
 
 def _versions() -> dict[str, str]:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.records import ONNX_MODEL
 
 UNMERGED, MERGED, ONNX, GGUF = "unmerged", "merged", "onnx", "gguf"
 KINDS = (UNMERGED, MERGED, ONNX, GGUF)
 # Which engine runs each kind (the report's "backend" column).
 BACKEND_OF = {UNMERGED: "pytorch", MERGED: "pytorch", ONNX: "onnxruntime", GGUF: "llama.cpp"}
 
-ONNX_MODEL = "model.onnx"
 RUN_FILE = "edgeft-run.json"  # written by `edgeft train` beside the adapter
 ADAPTER_CONFIG = "adapter_config.json"
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -70,7 +70,13 @@ def describe(path: str | Path, *, flag: str) -> Artifact:
             f"with {ONNX_MODEL}, a merged model directory with config.json and *.safetensors, an adapter directory)"
         )
     if kind == GGUF:
-        return Artifact(path, kind, _gguf_precision(path), path.stat().st_size, path.name)
+        from runtime.weights import check_gguf_complete
+
+        try:
+            header = check_gguf_complete(path)
+        except EdgeftError as e:
+            raise EdgeftError(f"{flag} {e.format_message()}") from None
+        return Artifact(path, kind, header.file_type or "unknown", path.stat().st_size, path.name)
     if kind == ONNX:
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith(ONNX_MODEL))
         return Artifact(path, kind, onnx_precision(path), size, path.name)
@@ -172,12 +178,6 @@ def onnx_precision(directory: Path) -> str:
     if any(i.data_type == 10 for i in model.graph.initializer):  # TensorProto.FLOAT16
         return "fp16"
     return "fp32"
-
-
-def _gguf_precision(path: Path) -> str:
-    from runtime.weights import read_gguf_header
-
-    return read_gguf_header(path).file_type or "unknown"
 
 
 def _files_size(paths: Any) -> int:

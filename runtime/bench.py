@@ -174,7 +174,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def check_inputs(cfg: BenchConfig) -> tuple[Artifact, list[Artifact], dict[str, dict[str, Any] | None]]:
     """Describe the reference and artifacts and read their records; all problems in one error."""
-    from edgeft.records import read_record
+    from edgeft.records import files_changed, read_record
 
     problems: list[str] = []
     reference = None
@@ -207,6 +207,9 @@ def check_inputs(cfg: BenchConfig) -> tuple[Artifact, list[Artifact], dict[str, 
             failed = [c.get("name", "?") for c in record.get("checks", []) if not c.get("passed", True)]
             problems.append(f"--artifact {path}: failed its verification ({', '.join(failed) or 'status failed'}); "
                             "pass --allow-unverified to benchmark it anyway")
+        elif record is not None and not cfg.allow_unverified and (changed := files_changed(art.path, record)):
+            problems.append(f"--artifact {path}: {changed}; its verification no longer holds: re-export it, "
+                            "or pass --allow-unverified")
         records[str(art.path)] = record
         artifacts.append(art)
     if problems:

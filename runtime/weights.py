@@ -57,6 +57,7 @@ class GgufTensor:
     ggml_type: str  # GGMLQuantizationType name, e.g. "Q4_K"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # from the start of the tensor data section
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class GgufHeader:
     file_type: str | None  # llama.cpp's general.file_type as a --type name: "f16", "q4_k_m", ...
     architecture: str | None
     tensors: list[GgufTensor]
+    data_start: int = 0  # byte where the tensor data section begins (aligned after the header)
+
+    @property
+    def data_end(self) -> int:
+        """The byte the last tensor's data ends at: the least size a whole file has."""
+        return self.data_start + max((t.offset + t.nbytes for t in self.tensors), default=0)
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
@@ -75,6 +82,8 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
     import gguf
 
     path = Path(path)
+    if path.stat().st_size == 0:  # mmap refuses an empty file
+        raise EdgeftError(f"{path}: empty file, not a GGUF file")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
             magic, _version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
@@ -103,6 +112,7 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
 
         file_type: int | None = None
         arch: str | None = None
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
         try:
             for _ in range(n_kv):
                 key, pos = string(pos)
@@ -110,6 +120,8 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
                 pos += 4
                 if key == "general.file_type" and vtype == _GGUF_UINT32:
                     (file_type,) = struct.unpack_from("<I", buf, pos)
+                elif key == "general.alignment" and vtype == _GGUF_UINT32:
+                    (alignment,) = struct.unpack_from("<I", buf, pos)
                 elif key == "general.architecture" and vtype == _GGUF_STRING:
                     arch, _ = string(pos)
                 pos = skip(vtype, pos)
@@ -119,14 +131,27 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
                 (n_dims,) = struct.unpack_from("<I", buf, pos)
                 shape = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
                 pos += 4 + 8 * n_dims
-                (ttype,) = struct.unpack_from("<I", buf, pos)
-                pos += 12  # type, data offset
+                ttype, offset = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
                 qtype = gguf.GGMLQuantizationType(ttype)
                 block, size = gguf.GGML_QUANT_SIZES[qtype]
-                tensors.append(GgufTensor(name, qtype.name, tuple(int(d) for d in shape), math.prod(shape) // block * size))
+                tensors.append(GgufTensor(name, qtype.name, tuple(int(d) for d in shape),
+                                          math.prod(shape) // block * size, int(offset)))
         except (struct.error, ValueError, KeyError) as e:
             raise EdgeftError(f"{path}: unreadable GGUF header ({type(e).__name__}: {e})") from None
-    return GgufHeader(_file_type_name(file_type), arch, tensors)
+    alignment = max(1, alignment)
+    data_start = -(-pos // alignment) * alignment
+    return GgufHeader(_file_type_name(file_type), arch, tensors, data_start)
+
+
+def check_gguf_complete(path: str | Path) -> GgufHeader:
+    """The header of a GGUF file whose tensor data is all there; a truncated file is a one-line error."""
+    header = read_gguf_header(path)
+    size = Path(path).stat().st_size
+    if size < header.data_end:
+        raise EdgeftError(f"{path}: truncated GGUF: its tensor data ends at byte {header.data_end}, "
+                          f"the file has {size} bytes; copy or export it again")
+    return header
 
 
 def _file_type_name(file_type: int | None) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,57 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, layers: in
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer_dir)
+
+
+# How `edgeft train --method qlora` records the 4-bit base in edgeft-run.json.
+QUANT = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32",
+         "quant_storage": "uint8", "blocksize": 64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def make_adapter(base: Path, out: Path, *, qlora: bool, seed: int = 0) -> Path:
+    """A LoRA adapter (r=4, all linear layers) as `edgeft train` leaves it: PEFT files, tokenizer, run record.
+
+    ``init_lora_weights=False`` leaves B random, so the adapter moves the outputs and a missing
+    merge would show.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    extra = {"quantization_config": bnb_config()} if qlora else {}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **extra)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(base / name, out / name)
+    run = {"method": "qlora" if qlora else "lora", "base_model": str(base), "quantization": QUANT if qlora else None}
+    (out / "edgeft-run.json").write_text(json.dumps(run))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_adapter(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A 16-bit LoRA adapter on ``tiny_llama_dir``."""
+    return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "adapter", qlora=False)
+
+
+COLORS = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory) -> Path:
+    """A learnable instruction task: 'Colour of item k?' -> a fixed colour (48 rows)."""
+    p = tmp_path_factory.mktemp("data") / "colors.jsonl"
+    p.write_text("".join(json.dumps({"instruction": f"Colour of item {i % 8}?", "output": COLORS[i % 8]}) + "\n"
+                         for i in range(48)))
+    return p

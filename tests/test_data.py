@@ -83,6 +83,16 @@ def test_chat_labels_cover_only_assistant_turns(smol_tokenizer_dir):
     assert "Say hi" not in target_text and "system" not in target_text
 
 
+def test_named_chat_templates_render_the_default(smol_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    row = Row(1, messages=[{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello"}])
+    want = tokenize_row(tok, row)
+    tok.chat_template = {"default": tok.chat_template, "tool_use": "{{ 'tools' }}"}  # as a multi-template config loads
+    assert tokenize_row(tok, row) == want
+
+
 def test_prompt_completion_and_text_labels(smol_tokenizer_dir):
     from transformers import AutoTokenizer
 

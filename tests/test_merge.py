@@ -1,8 +1,9 @@
 """edgeft merge: merged equals unmerged, nf4-dequant reproduces QLoRA training, clean failures.
 
-Adapters are built here with peft on tiny llama models (hidden 64: a multiple of bitsandbytes'
-blocksize), one on a 16-bit base and one on a real bitsandbytes 4-bit base. ``init_lora_weights
-=False`` leaves B random, so the adapters move the outputs and a missing merge would show.
+Adapters are built with peft (``conftest.make_adapter``) on tiny llama models (hidden 64: a multiple
+of bitsandbytes' blocksize), one on a 16-bit base and one on a real bitsandbytes 4-bit base.
+``init_lora_weights=False`` leaves B random, so the adapters move the outputs and a missing merge
+would show.
 """
 
 from __future__ import annotations
@@ -14,38 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TOKENIZER_FILES, bnb_config, make_adapter
 from edgeft.errors import EdgeftError
 
-QUANT = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32",
-         "quant_storage": "uint8", "blocksize": 64}
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                "edgeft-merge.json", "edgeft-verify.json"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def _bnb_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
-
-
-def make_adapter(base: Path, out: Path, *, qlora: bool, seed: int = 0) -> Path:
-    """A LoRA adapter (r=4, all linear layers) as `edgeft train` leaves it: PEFT files, tokenizer, run record."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    extra = {"quantization_config": _bnb_config()} if qlora else {}
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **extra)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    peft_model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(base / name, out / name)
-    run = {"method": "qlora" if qlora else "lora", "base_model": str(base), "quantization": QUANT if qlora else None}
-    (out / "edgeft-run.json").write_text(json.dumps(run))
-    return out
 
 
 def model_logits(model, tokenizer_dir: Path) -> torch.Tensor:
@@ -77,21 +52,16 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def lora_adapter(tmp_path_factory, tiny_llama_dir) -> Path:
-    return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "adapter", qlora=False)
-
-
-@pytest.fixture(scope="module")
 def qlora_adapter(tmp_path_factory, tiny_llama_dir) -> Path:
     return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("qlora") / "adapter", qlora=True, seed=1)
 
 
 @pytest.fixture(scope="module")
-def lora_merged(tmp_path_factory, lora_adapter):
+def lora_merged(tmp_path_factory, tiny_lora_adapter):
     from edgeft.merge import merge_adapter
 
     out = tmp_path_factory.mktemp("lora_out") / "merged"
-    return out, merge_adapter(lora_adapter, out)
+    return out, merge_adapter(tiny_lora_adapter, out)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +72,7 @@ def qlora_merged(tmp_path_factory, qlora_adapter):
     return out, merge_adapter(qlora_adapter, out)
 
 
-def test_lora_merged_equals_unmerged(lora_merged, lora_adapter, tiny_llama_dir):
+def test_lora_merged_equals_unmerged(lora_merged, tiny_lora_adapter, tiny_llama_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -112,19 +82,19 @@ def test_lora_merged_equals_unmerged(lora_merged, lora_adapter, tiny_llama_dir):
     assert {p.name for p in out.iterdir()} == MODEL_FILES
 
     merged = AutoModelForCausalLM.from_pretrained(out)
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(lora_adapter))
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(tiny_lora_adapter))
     bare = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     want = model_logits(unmerged, tiny_llama_dir)
     torch.testing.assert_close(model_logits(merged, tiny_llama_dir), want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(model_logits(bare, tiny_llama_dir), want, atol=1e-2)  # the adapter matters
 
     on_disk = json.loads((out / "edgeft-verify.json").read_text())
-    assert (on_disk["status"], on_disk["kind"], on_disk["reference"]) == ("passed", "merged", str(lora_adapter))
+    assert (on_disk["status"], on_disk["kind"], on_disk["reference"]) == ("passed", "merged", str(tiny_lora_adapter))
     assert {c["name"] for c in on_disk["checks"]} >= {"finite", "top1_agreement", "mean_kl"}
     provenance = json.loads((out / "edgeft-merge.json").read_text())
-    assert (provenance["policy"], provenance["dtype"], provenance["adapter"]) == ("base", "fp32", str(lora_adapter))
+    assert (provenance["policy"], provenance["dtype"], provenance["adapter"]) == ("base", "fp32", str(tiny_lora_adapter))
     assert provenance["base"] == str(tiny_llama_dir) and provenance["method"] == "lora"
-    assert provenance["training_run"] == json.loads((lora_adapter / "edgeft-run.json").read_text())
+    assert provenance["training_run"] == json.loads((tiny_lora_adapter / "edgeft-run.json").read_text())
 
 
 def test_qlora_nf4_dequant_reproduces_training(qlora_merged):
@@ -145,7 +115,7 @@ def test_round_trip_is_what_bitsandbytes_holds(tiny_llama_dir):
 
     from edgeft.merge import Quantization, quantize_dequantize
 
-    q4 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, quantization_config=_bnb_config())
+    q4 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, quantization_config=bnb_config())
     fp32 = dict(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).named_modules())
     quant = Quantization(quant_type="nf4", double_quant=True, compute_dtype="float32", load_dtype="float32")
     layers = {n: m for n, m in q4.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -155,21 +125,21 @@ def test_round_trip_is_what_bitsandbytes_holds(tiny_llama_dir):
         assert torch.equal(quantize_dequantize(fp32[name].weight, quant), held), name
 
 
-def test_rerun_refused_and_overwrite_is_byte_identical(tmp_path, lora_adapter):
+def test_rerun_refused_and_overwrite_is_byte_identical(tmp_path, tiny_lora_adapter):
     from safetensors import safe_open
 
     from edgeft.merge import merge_adapter
 
     out = tmp_path / "merged"
-    first = merge_adapter(lora_adapter, out, dtype="fp16")
+    first = merge_adapter(tiny_lora_adapter, out, dtype="fp16")
     assert first.status == "passed", first.summary()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     with pytest.raises(EdgeftError, match="--output"):
-        merge_adapter(lora_adapter, out, dtype="fp16")
-    merge_adapter(lora_adapter, out, dtype="fp16", overwrite=True)
+        merge_adapter(tiny_lora_adapter, out, dtype="fp16")
+    merge_adapter(tiny_lora_adapter, out, dtype="fp16", overwrite=True)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after.keys() == before.keys() == MODEL_FILES
     for name in MODEL_FILES - {"edgeft-verify.json"}:
@@ -182,19 +152,19 @@ def test_rerun_refused_and_overwrite_is_byte_identical(tmp_path, lora_adapter):
 
 
 @pytest.mark.parametrize("arch, hidden, message", [("llama", 128, "does not fit"), ("qwen2", 64, "trained on a llama model")])
-def test_cli_adapter_for_another_base(tmp_path, lora_adapter, smol_tokenizer_dir, arch, hidden, message):
+def test_cli_adapter_for_another_base(tmp_path, tiny_lora_adapter, smol_tokenizer_dir, arch, hidden, message):
     from conftest import make_tiny_llama
 
     other = make_tiny_llama(tmp_path / "other", smol_tokenizer_dir, hidden=hidden, arch=arch)
-    result = invoke("--adapter", lora_adapter, "--output", tmp_path / "out", "--base", other)
+    result = invoke("--adapter", tiny_lora_adapter, "--output", tmp_path / "out", "--base", other)
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("edgeft: error:") and message in result.stderr
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_truncated_adapter(tmp_path, lora_adapter):
-    broken = shutil.copytree(lora_adapter, tmp_path / "adapter")
+def test_cli_truncated_adapter(tmp_path, tiny_lora_adapter):
+    broken = shutil.copytree(tiny_lora_adapter, tmp_path / "adapter")
     data = (broken / "adapter_model.safetensors").read_bytes()
     (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     result = invoke("--adapter", broken, "--output", tmp_path / "out")
@@ -208,10 +178,10 @@ def test_cli_missing_adapter(tmp_path):
     assert result.exit_code == 1 and "--adapter" in result.stderr and "not found" in result.stderr
 
 
-def test_cli_nonfinite_weights_fail_verification(tmp_path, lora_adapter):
+def test_cli_nonfinite_weights_fail_verification(tmp_path, tiny_lora_adapter):
     from safetensors.torch import load_file, save_file
 
-    bad = shutil.copytree(lora_adapter, tmp_path / "adapter")
+    bad = shutil.copytree(tiny_lora_adapter, tmp_path / "adapter")
     tensors = load_file(bad / "adapter_model.safetensors")
     key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
     tensors[key][0, 0] = float("nan")
@@ -226,14 +196,14 @@ def test_cli_nonfinite_weights_fail_verification(tmp_path, lora_adapter):
     assert not (tmp_path / "out" / "model.safetensors").exists()  # never written
 
 
-def test_missing_tokenizer(tmp_path, lora_adapter, tiny_llama_dir):
+def test_missing_tokenizer(tmp_path, tiny_lora_adapter, tiny_llama_dir):
     from edgeft.merge import merge_adapter
 
     base = tmp_path / "base"
     base.mkdir()
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(tiny_llama_dir / name, base / name)
-    adapter = shutil.copytree(lora_adapter, tmp_path / "adapter")
+    adapter = shutil.copytree(tiny_lora_adapter, tmp_path / "adapter")
     for name in TOKENIZER_FILES:
         (adapter / name).unlink()
     with pytest.raises(EdgeftError, match="tokenizer"):
@@ -244,10 +214,10 @@ def test_missing_tokenizer(tmp_path, lora_adapter, tiny_llama_dir):
     ({}, "nf4-dequant", "--policy nf4-dequant"),  # a 16-bit-trained adapter has no 4-bit round trip
     ({"status": "running"}, "auto", "training has not completed"),
 ])
-def test_refused_before_loading_weights(tmp_path, lora_adapter, run_update, policy, message):
+def test_refused_before_loading_weights(tmp_path, tiny_lora_adapter, run_update, policy, message):
     from edgeft.merge import merge_adapter
 
-    adapter = shutil.copytree(lora_adapter, tmp_path / "adapter")
+    adapter = shutil.copytree(tiny_lora_adapter, tmp_path / "adapter")
     run = json.loads((adapter / "edgeft-run.json").read_text()) | run_update
     (adapter / "edgeft-run.json").write_text(json.dumps(run))
     with pytest.raises(EdgeftError, match=message):

@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import make_adapter
 from runtime.latency import RunTiming, summarise
 from runtime.thresholds import TOP1_MIN, flags_for, parse_top1_overrides, top1_bar
 
-QUANT = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32",
-         "quant_storage": "uint8", "blocksize": 64}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 ENTRY_FIELDS = {"name", "role", "path", "kind", "backend", "precision", "size_bytes", "weight_bytes",
                 "weight_bytes_per_token", "load_s", "ttft_s", "prompt_tokens_per_s", "decode_tokens_per_s",
                 "decode_tokens_per_s_min", "decode_tokens_per_s_max", "token_latency_p50_s", "token_latency_p95_s",
@@ -57,22 +55,7 @@ def one_line_error(result) -> str:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_llama_dir) -> Path:
     """A QLoRA adapter as `edgeft train` leaves it: PEFT files, tokenizer, edgeft-run.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, quantization_config=bnb)
-    torch.manual_seed(3)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    out = tmp_path_factory.mktemp("bench") / "adapter"
-    peft_model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tiny_llama_dir / name, out / name)
-    (out / "edgeft-run.json").write_text(json.dumps({"method": "qlora", "base_model": str(tiny_llama_dir),
-                                                     "quantization": QUANT}))
-    return out
+    return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("bench") / "adapter", qlora=True, seed=3)
 
 
 @pytest.fixture(scope="module")

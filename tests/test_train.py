@@ -10,20 +10,6 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 
-COLORS = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    """A learnable mapping: 'Colour of item k?' -> a fixed colour."""
-    p = tmp_path_factory.mktemp("data") / "colors.jsonl"
-    with open(p, "w") as fh:
-        for i in range(48):
-            k = i % 8
-            fh.write(json.dumps({"instruction": f"Colour of item {k}?", "output": COLORS[k]}) + "\n")
-    return p
-
-
 def run_train(*args: str):
     result = CliRunner().invoke(cli, ["train", *args], catch_exceptions=False)
     return result

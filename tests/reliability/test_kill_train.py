@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -13,16 +12,7 @@ from pathlib import Path
 
 import pytest
 
-COLORS = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
 STEPS, SAVE_EVERY = 12, 3
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("kill_data") / "colors.jsonl"
-    p.write_text("".join(json.dumps({"instruction": f"Colour of item {i % 8}?", "output": COLORS[i % 8]}) + "\n"
-                         for i in range(48)))
-    return p
 
 
 def train_args(model, data, out):
