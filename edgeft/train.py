@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgeft.cpumem import (LOAD_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD, dequantize_in_compute_dtype,
+                           release_file_mappings, set_mmap_threshold)
 from edgeft.config import PEFT_PROMPT_METHODS, TrainConfig, to_dict
 from edgeft.data import IGNORE_INDEX, Tokenized, load_rows, pack, split_eval, tokenize_rows
 from edgeft.errors import ConfigError, EdgeftError
@@ -138,7 +140,10 @@ def load_model(cfg: TrainConfig, model_ref: str, device: str, dtype: Any, tokeni
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeftError(f"--model {model_ref}: cannot load model: {first[:300]}") from None
-    if cfg.method != "qlora":
+    if cfg.method == "qlora":
+        release_file_mappings(model)
+        dequantize_in_compute_dtype(model, dtype)
+    else:
         model.to(device)
     model.config.use_cache = False
 
@@ -487,7 +492,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    if device == "cpu":
+        set_mmap_threshold(LOAD_MMAP_THRESHOLD)
     model = load_model(cfg, model_ref, device, dtype, tok)
+    if device == "cpu":
+        set_mmap_threshold(STEP_MMAP_THRESHOLD)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

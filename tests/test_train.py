@@ -131,3 +131,36 @@ def test_early_stopping(tmp_path, tiny_llama_dir, task_file):
     assert r.exit_code == 0, r.output
     record = json.loads((out / "edgeft-run.json").read_text())
     assert record["stopped_early"] is True and record["steps"] < 60
+
+
+def test_qlora_cpu_memory_policies_keep_outputs_identical(tiny_llama_dir):
+    """The weight file is unmapped after 4-bit loading and 4-bit layers dequantize straight into
+    bf16, and the model computes bit for bit what the unmodified bitsandbytes model computes."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from edgeft.config import TrainConfig
+    from edgeft.models import load_tokenizer
+    from edgeft.train import load_model
+
+    cfg = TrainConfig(model=str(tiny_llama_dir), data="unused.jsonl", output="unused", method="qlora",
+                      compute_dtype="bfloat16")
+    tok = load_tokenizer(str(tiny_llama_dir))
+    model = load_model(cfg, str(tiny_llama_dir), "cpu", torch.bfloat16, tok)
+    weights = str((tiny_llama_dir / "model.safetensors").resolve())
+    maps = open("/proc/self/maps").read()
+    assert weights not in maps  # no parameter still views the memory-mapped file
+    states = [m.weight.quant_state for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None)]
+    assert states and all(s.dtype == torch.bfloat16 for s in states)
+
+    plain = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    plain.train()  # train mode on both: bitsandbytes repacks weights for inference in eval mode
+    model.train()
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    with torch.no_grad():
+        ours = model(input_ids=ids, use_cache=False).logits
+        ref = plain(input_ids=ids, use_cache=False).logits
+    assert torch.equal(ours, ref)  # LoRA B starts at zero: the adapter adds exactly nothing
