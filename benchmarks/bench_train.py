@@ -9,7 +9,10 @@ paged_adamw_8bit and DataCollatorForSeq2Seq (dynamic padding).
 
 tokens/s counts real (non-pad) tokens, timed after the warm-up steps.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--rows 256]
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--rows 256] [--repeats 3]
+
+Each side runs --repeats times in alternation; the medians are compared and the worst pairing
+is printed too. Writes benchmarks/results/train.json and train.png.
 """
 
 from __future__ import annotations
@@ -109,18 +112,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side; medians are compared")
     ap.add_argument("--baseline-compute-dtype", default="bfloat16", help="the recipe's bnb_4bit_compute_dtype")
     ap.add_argument("--side", choices=["edgeft", "baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     a = ap.parse_args()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet()
     if a.side:
         res = run_edgeft(a) if a.side == "edgeft" else run_baseline(a)
         print("RESULT " + json.dumps(res))
@@ -129,34 +128,97 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as wd:
         data = Path(wd) / "sst2.jsonl"
         write_data(data, a.rows)
-        results = {}
-        for side in ("baseline", "edgeft"):
-            cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--workdir", wd,
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch), "--seq-len", str(a.seq_len),
-                   "--baseline-compute-dtype", a.baseline_compute_dtype] + (["--threads", str(a.threads)] if a.threads else [])
-            print(f"running {side} ...", file=sys.stderr, flush=True)
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            if p.returncode or not line:
-                sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
-            results[side] = json.loads(line[-1][7:])
-    b, e = results["baseline"], results["edgeft"]
+        runs: dict[str, list[dict]] = {"baseline": [], "edgeft": []}
+        for rep in range(a.repeats):  # sides alternate, so drift in machine load hits both alike
+            for side in ("baseline", "edgeft"):
+                print(f"run {rep + 1}/{a.repeats}: {side} ...", file=sys.stderr, flush=True)
+                runs[side].append(run_side(a, side, data, wd))
+    b, e = summarise(runs["baseline"]), summarise(runs["edgeft"])
     table = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "setup": {"model": "SmolLM2-135M-Instruct", "data": f"SST-2 train, first {a.rows} rows", "seq_len": a.seq_len,
-                  "batch": a.batch, "steps": a.steps, "timed_steps": a.steps - a.warmup,
+                  "batch": a.batch, "steps": a.steps, "timed_steps": a.steps - a.warmup, "repeats": a.repeats,
                   "baseline_compute_dtype": a.baseline_compute_dtype},
-        "baseline": b, "edgeft": e,
+        "baseline": b, "edgeft": e, "runs": runs,
         "speedup": e["tokens_per_s"] / b["tokens_per_s"], "memory_ratio": e["peak_rss_mb"] / b["peak_rss_mb"],
+        # Worst pairing of the repeats: the slowest edgeft run against the fastest baseline run,
+        # and edgeft's largest peak against the baseline's smallest.
+        "speedup_worst": e["tokens_per_s_min"] / b["tokens_per_s_max"],
+        "memory_ratio_worst": e["peak_rss_mb_max"] / b["peak_rss_mb_min"],
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(table, indent=2) + "\n")
+    plot(table, Path(a.out).with_suffix(".png"))
+    print(f"median of {a.repeats} runs per side (min-max)")
     print("| recipe | tokens/s | peak RSS (MiB) | final loss |\n|---|---|---|---|")
-    print(f"| HF Trainer + peft + bnb QLoRA | {b['tokens_per_s']:.0f} | {b['peak_rss_mb']:.0f} | {b['final_loss']:.3f} |")
-    print(f"| edgeft train --method qlora | {e['tokens_per_s']:.0f} | {e['peak_rss_mb']:.0f} | {e['final_loss']:.3f} |")
-    print(f"| ratio (edgeft / baseline) | {table['speedup']:.2f}x | {table['memory_ratio']:.2f}x | |")
+    for name, r in (("HF Trainer + peft + bnb QLoRA", b), ("edgeft train --method qlora", e)):
+        print(f"| {name} | {r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | "
+              f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb_min']:.0f}-{r['peak_rss_mb_max']:.0f}) | {r['final_loss']:.3f} |")
+    print(f"| ratio (edgeft / baseline) | {table['speedup']:.2f}x (worst {table['speedup_worst']:.2f}x) | "
+          f"{table['memory_ratio']:.2f}x (worst {table['memory_ratio_worst']:.2f}x) | |")
     ok = table["speedup"] >= 1.5 and table["memory_ratio"] <= 1.0
-    print(f"target (>= 1.5x tokens/s, <= 1.0x memory): {'met' if ok else 'MISSED'}")
+    print(f"target on medians (>= 1.5x tokens/s, <= 1.0x memory): {'met' if ok else 'MISSED'}")
+    print(f"wrote {a.out} and {Path(a.out).with_suffix('.png')}")
+
+
+def run_side(a, side: str, data: Path, wd: str) -> dict:
+    """One side in a fresh process, so its peak RSS is its own."""
+    return child_result([__file__, "--side", side, "--data", str(data), "--workdir", wd, "--steps", str(a.steps),
+                         "--warmup", str(a.warmup), "--batch", str(a.batch), "--seq-len", str(a.seq_len),
+                         "--baseline-compute-dtype", a.baseline_compute_dtype]
+                        + (["--threads", str(a.threads)] if a.threads else []), side)
+
+
+def child_result(args: list[str], what: str) -> dict:
+    """Run ``python ARGS`` and return the JSON of its ``RESULT`` line; exit with its stderr if it failed."""
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not line:
+        sys.exit(f"{what} failed:\n{p.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def quiet() -> None:
+    """Library warnings off: the benchmark prints its own table."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def summarise(runs: list[dict]) -> dict:
+    import statistics
+
+    out = {"final_loss": runs[-1]["final_loss"]}
+    for key in ("tokens_per_s", "peak_rss_mb"):
+        vals = [r[key] for r in runs]
+        out.update({key: statistics.median(vals), f"{key}_min": min(vals), f"{key}_max": max(vals)})
+    return out
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = ("baseline", "edgeft")
+    labels = ("HF Trainer\n+ peft + bnb", "edgeft")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
+                           (axes[1], "peak_rss_mb", "peak RSS, MiB (lower is better)")):
+        med = [table[s][key] for s in sides]
+        err = [[m - table[s][f"{key}_min"] for s, m in zip(sides, med)],
+               [table[s][f"{key}_max"] - m for s, m in zip(sides, med)]]
+        ax.bar(labels, med, yerr=err, capsize=6, color=["#999999", "#2a7ab9"])
+        ax.set_title(title, fontsize=10)
+    ratio = f"{table['speedup']:.2f}x tokens/s, {table['memory_ratio']:.2f}x peak RSS"
+    fig.suptitle(f"QLoRA on SmolLM2-135M, {table['setup']['repeats']} runs per side (median, min-max): {ratio}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Resident memory of CPU training: what PyTorch and bitsandbytes leave behind, given back.
 
-Three things held memory that a 4-bit run on CPU never uses again (measured on
-SmolLM2-135M-Instruct QLoRA, batch 4, with ``benchmarks/bench_train.py``):
+Three things held memory that a 4-bit run on CPU never uses again (each measured on
+SmolLM2-135M-Instruct QLoRA, batch 4, by ``benchmarks/train_memory.py``):
 
 - the memory-mapped weight file, kept alive by the few tensors that are views of it
   (``release_file_mappings``);
@@ -23,13 +23,13 @@ from typing import Any
 
 # glibc's mallopt parameter for the size from which an allocation gets its own mapping.
 _M_MMAP_THRESHOLD = -3
-# While a model loads and is quantized, every fp32 weight passes through short-lived copies:
-# a low threshold keeps them out of the heap (post-load resident memory 1054 -> 605 MiB).
+# While a model loads and is quantized, every fp32 weight passes through short-lived copies: a
+# low threshold keeps them out of the heap, whose freed pages would stay resident.
 LOAD_MMAP_THRESHOLD = 128 * 1024
-# During steps, tensors from 2 MiB up (the widest activations) get their own mappings, the
-# rest is reused from the heap. Measured tokens/s and resident memory in training steps:
-# 128 KiB ~100 tok/s; 1 MiB ~240 tok/s, ~950 MiB; 2 MiB ~290 tok/s; glibc's own policy
-# ~300 tok/s, 1.1-1.16 GiB.
+# During steps, tensors from 2 MiB up (the widest activations) get their own mappings and the
+# rest is reused from the heap. benchmarks/train_memory.py measures it against 32 MiB (where
+# glibc's own policy settles) and 1 MiB: lower thresholds keep more of each step out of the heap
+# but map and fault those pages anew every step, costing tokens/s.
 STEP_MMAP_THRESHOLD = 2 * 1024 * 1024
 
 
@@ -67,10 +67,10 @@ def release_file_mappings(model: Any) -> None:
     safetensors weights are memory-mapped, and parameters stored in the file's dtype are views
     of the mapping. After quantization only the embeddings and norms are such views, yet they
     keep the whole mapping alive, and every page of it was read to quantize the linear layers:
-    on SmolLM2-135M (an fp32 file) that is 405 MiB resident for 108 MiB of tensors. Copying
-    the remaining views releases the mapping. The copies are read from the file rather than
-    through the mapping, whose untouched pages (the embedding's) would otherwise be faulted in
-    on top of the copy: a 216 MiB spike instead of 108.
+    on SmolLM2-135M (an fp32 file) the mapping held about 400 MiB for 108 MiB of tensors.
+    Copying the remaining views releases the mapping. The copies are read from the file rather
+    than through the mapping, whose untouched pages (the embedding's) would otherwise be faulted
+    in on top of the copy, doubling the spike.
     """
     mappings = _unmodified_file_mappings()
     seen: set[int] = set()
