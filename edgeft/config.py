@@ -76,6 +76,7 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     # Safety
     trust_remote_code: bool = _f(False, "allow model code from the model directory/Hub to run")
+    allow_pickle: bool = _f(False, "load a model stored only as pickle weights (*.bin), with torch.load(weights_only=True)")
     skip_bad_rows: bool = _f(False, "train on the good rows and report the bad ones instead of stopping")
 
 

@@ -197,8 +197,11 @@ def resolve_model(ref: str | os.PathLike | None, *, flag: str = "--model") -> st
     raise EdgeftError(f"{flag} {s}: model path does not exist")
 
 
-def check_weights_safe(model_dir: str, *, allow_pickle: bool = False) -> None:
-    """Refuse pickle-only checkpoints unless explicitly allowed (pickle can run code)."""
+def check_weights_safe(model_dir: str, *, allow_pickle: bool = False, flag: str | None = None) -> None:
+    """Refuse pickle-only checkpoints unless explicitly allowed (pickle can run code).
+
+    ``flag`` names the option that allows them, where the command has one.
+    """
     p = Path(model_dir)
     if not p.is_dir():
         return
@@ -207,7 +210,8 @@ def check_weights_safe(model_dir: str, *, allow_pickle: bool = False) -> None:
     if has_pickle and not has_safe and not allow_pickle:
         raise EdgeftError(
             f"{p}: only pickle weights (*.bin) found; edgeft loads safetensors by default. "
-            "Convert them, or pass --allow-pickle to load them with weights_only=True"
+            "Convert them to safetensors" + (f", or pass {flag} to load them with torch.load(weights_only=True)"
+                                             if flag else "")
         )
 
 

@@ -443,7 +443,7 @@ def _prepare(cfg: TrainConfig):
         eval_rows, eval_report = load_rows(cfg.eval_data, cfg.schema, skip_bad=cfg.skip_bad_rows)
         report.skipped += eval_report.skipped
     model_ref = resolve_model(cfg.model)
-    check_weights_safe(model_ref)
+    check_weights_safe(model_ref, allow_pickle=cfg.allow_pickle, flag="--allow-pickle")
     device, dtype = pick_device(cfg)
     if cfg.method == "qlora":
         check_bitsandbytes(device)

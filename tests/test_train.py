@@ -164,3 +164,23 @@ def test_qlora_cpu_memory_policies_keep_outputs_identical(tiny_llama_dir):
         ours = model(input_ids=ids, use_cache=False).logits
         ref = plain(input_ids=ids, use_cache=False).logits
     assert torch.equal(ours, ref)  # LoRA B starts at zero: the adapter adds exactly nothing
+
+
+def test_pickle_only_model_refused_unless_allowed(tmp_path, tiny_llama_dir, task_file):
+    """A model stored only as pickle weights is refused with one line naming --allow-pickle, and
+    trains with the flag (transformers reads .bin with torch.load(weights_only=True))."""
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(pickled, safe_serialization=False)
+    shutil.copy(tiny_llama_dir / "tokenizer.json", pickled / "tokenizer.json")
+    shutil.copy(tiny_llama_dir / "tokenizer_config.json", pickled / "tokenizer_config.json")
+    assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
+    args = ["--model", str(pickled), "--data", str(task_file), "--method", "lora", "--max-steps", "2", *COMMON]
+    r = CliRunner().invoke(cli, ["train", *args, "--output", str(tmp_path / "refused")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "only pickle weights" in lines[0] and "--allow-pickle" in lines[0], r.output
+    assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()
+    r = run_train(*args, "--output", str(tmp_path / "allowed"), "--allow-pickle")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "allowed" / "adapter_model.safetensors").is_file()
