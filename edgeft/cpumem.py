@@ -111,8 +111,8 @@ def _owned_copy(t: Any, mappings: list[tuple[int, int, int, str]]) -> Any:
 
     nbytes = t.numel() * t.element_size()
     ptr = t.data_ptr()
-    for start, end, offset, path in mappings:
-        if t.is_contiguous() and start <= ptr and ptr + nbytes <= end:
+    for start, end, offset, path in mappings if t.is_contiguous() else []:
+        if start <= ptr and ptr + nbytes <= end:
             out = torch.empty_like(t, memory_format=torch.contiguous_format)
             with open(path, "rb") as fh:
                 fh.seek(offset + ptr - start)

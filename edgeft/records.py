@@ -99,12 +99,22 @@ def weight_files(artifact: str | Path) -> list[Path]:
     return sorted(onnx or artifact.glob("*.safetensors"))
 
 
+# sha256 per file version (device, inode, size, mtime): `edgeft run` checks every artifact's
+# record before each stage and again in the bench, and rereading hundreds of MiB for a file
+# that has not changed since the last look is wasted I/O.
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+
+
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def file_digests(data: str | Path, name: str | None = None) -> dict[str, dict[str, Any]]:
