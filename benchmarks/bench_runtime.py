@@ -45,7 +45,7 @@ DEMO_LAYOUT = {"reference": "adapter", "merged": "merged", "onnx": "onnx-int8", 
 def prepare(demo: Path, steps: int) -> None:
     """Build the missing demo artifacts: QLoRA adapter (short run), merged fp32, ONNX int8, GGUF q4_k_m."""
     from edgeft.config import TrainConfig
-    from edgeft.progress import say
+    from edgeft.core.progress import say
     from edgeft.tasks import write_task
 
     data = demo / DEMO_LAYOUT["data"]
@@ -134,8 +134,8 @@ def main() -> int:
     p.add_argument("--allow-unverified", action="store_true", help="benchmark artifacts that failed their verification")
     a = p.parse_args()
 
-    from edgeft.errors import EdgeftError
-    from edgeft.fsutil import atomic_file, write_json
+    from edgeft.core.errors import EdgeftError
+    from edgeft.core.fsutil import atomic_file, write_json
     from runtime.bench import BenchConfig, run_bench
 
     reference, artifacts, data = a.reference, list(a.artifact), a.data

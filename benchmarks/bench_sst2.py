@@ -47,7 +47,7 @@ def main() -> int:
 
     from edgeft.config import TrainConfig
     from edgeft.demo import _accuracy
-    from edgeft.fsutil import write_json
+    from edgeft.core.fsutil import write_json
     from edgeft.models import resolve_model
     from edgeft.pipeline import PipelineConfig, run_pipeline
 

@@ -68,9 +68,11 @@ def run_baseline(a) -> dict:
     from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from edgeft.data import load_rows, tokenize_rows
-    from edgeft.models import load_tokenizer, resolve_model
+    from edgeft.core.rows import load_rows
+    from edgeft.data import tokenize_rows
+    from runtime.modelfiles import load_tokenizer
 
+    from edgeft.models import resolve_model
     if a.threads:
         torch.set_num_threads(a.threads)
     model_dir = resolve_model(None)

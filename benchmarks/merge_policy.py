@@ -124,7 +124,7 @@ def reference_rows(base: str, adapter: Path, tok) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from edgeft.merge import encode_prompts, prompt_logits
-    from runtime.metrics import compare_logits
+    from edgeft.core.compare import compare_logits
 
     prompts = encode_prompts(tok)
     q = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
@@ -166,8 +166,9 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from edgeft.merge import merge_adapter
-    from edgeft.models import load_tokenizer, resolve_model
+    from runtime.modelfiles import load_tokenizer
 
+    from edgeft.models import resolve_model
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)

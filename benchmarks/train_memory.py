@@ -38,8 +38,9 @@ def _status() -> dict[str, int]:
 
 def run_variant(variant: str, data: str, workdir: str, steps: int) -> dict:
     """Train once with ``variant``'s choices switched off (in this process)."""
-    import edgeft.train as T
+    import edgeft.train.model as T  # where the memory policies are applied
     from edgeft.config import TrainConfig
+    from edgeft.train import train
 
     level = VARIANTS.index(variant)
     if level < 1:
@@ -69,7 +70,7 @@ def run_variant(variant: str, data: str, workdir: str, steps: int) -> dict:
     cfg = TrainConfig(data=data, output=str(out), method="qlora", max_steps=steps, batch_size=4, max_seq_len=256,
                       lr=2e-4, lora_r=16, lora_alpha=32, eval_split=0.0, eval_every=0, save_every=0, seed=0,
                       optimizer="paged_adamw_8bit")
-    T.train(cfg, overwrite=True)
+    train(cfg, overwrite=True)
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     m = [x for x in m if "loss" in x]
     tps = (m[-1]["tokens"] - m[1]["tokens"]) / (m[-1]["elapsed_s"] - m[1]["elapsed_s"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from edgeft import __version__
-from edgeft.errors import EdgeftError, VerificationFailed
+from edgeft.core.errors import OOM_HINT, EdgeftError, VerificationFailed
 
 
 def _quiet_libraries() -> None:
@@ -34,7 +34,7 @@ def _quiet_libraries() -> None:
 
 def _report(record) -> None:
     """Print an artifact's verdict; a failed verification is a non-zero exit."""
-    from edgeft.records import record_path
+    from edgeft.core.records import record_path
 
     click.echo(f"{record.artifact}: {record.summary()}")
     click.echo(f"verification record: {record_path(record.artifact)}")
@@ -64,12 +64,6 @@ class EdgeftGroup(click.Group):
             click.echo(f"edgeft: internal error: {type(e).__name__}: {first} (set EDGEFT_DEBUG=1 for the traceback)", err=True)
             sys.exit(70)
         sys.exit(rc if isinstance(rc, int) else 0)
-
-
-OOM_HINT = (
-    "out of memory; lower --batch-size or --max-seq-len (raise --grad-accum to keep the effective batch), "
-    "keep --gradient-checkpointing on, or use --method qlora"
-)
 
 
 @click.group(cls=EdgeftGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from edgeft.errors import ConfigError
+from edgeft.core.errors import ConfigError
 
 METHODS = ("qlora", "lora", "full", "prompt-tuning", "prefix-tuning", "p-tuning")
 PEFT_PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")

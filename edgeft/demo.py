@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeft.progress import say
+from edgeft.core.progress import say
 
 
 def _accuracy(model_dir: str, adapter: Path | None, eval_file: Path, quant: dict | None) -> float:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from edgeft.data import load_rows
+    from edgeft.core.rows import load_rows
     from edgeft.evaluate import exact_match, greedy_answers, prompts_and_answers
-    from edgeft.models import load_tokenizer
+    from runtime.modelfiles import load_tokenizer
 
     kw: dict[str, Any] = {"dtype": torch.float32}
     if quant:
@@ -59,7 +59,7 @@ def run_demo(output: Path, *, steps: int = 40, overwrite: bool = False) -> dict[
     """Run (or resume) the demo pipeline into ``output``; returns the summary written to demo.json."""
     import shutil
 
-    from edgeft.fsutil import write_json
+    from edgeft.core.fsutil import write_json
     from edgeft.models import resolve_model
     from edgeft.pipeline import run_pipeline
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeft.data import Row
-from edgeft.tasks import normalise_answer
+from edgeft.core.rows import Row
+from edgeft.core.answers import normalise_answer
 
 
 def prompts_and_answers(rows: list[Row]) -> tuple[list[list[dict[str, str]]], list[str]]:

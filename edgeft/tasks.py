@@ -54,8 +54,3 @@ def write_task(directory: Path, n_train: int = 320, n_eval: int = 64, seed: int 
         p.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, s)))
         paths.append(p)
     return paths[0], paths[1]
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, keep letters, digits and spaces, collapse whitespace."""
-    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeft.errors import EdgeftError
-from edgeft.records import ONNX_MODEL
+from edgeft.core.errors import EdgeftError
+from edgeft.core.records import ONNX_MODEL
 
 UNMERGED, MERGED, ONNX, GGUF = "unmerged", "merged", "onnx", "gguf"
 KINDS = (UNMERGED, MERGED, ONNX, GGUF)
@@ -152,7 +152,7 @@ def _merged_precision(directory: Path) -> str:
 
 def onnx_precision(directory: Path) -> str:
     """The export variant from its verification record, else guessed from the graph's operators."""
-    from edgeft.records import RECORD_DIR_NAME
+    from edgeft.core.records import RECORD_DIR_NAME
 
     record = directory / RECORD_DIR_NAME
     if record.is_file():

@@ -1,6 +1,6 @@
 """Write a bench report: report.json, report.md (a table), PNG plots, and the table on stdout.
 
-Every file is written under a temporary name and renamed (edgeft.fsutil). ``table_rows`` is the
+Every file is written under a temporary name and renamed (edgeft.core.fsutil). ``table_rows`` is the
 single place that turns an entry into table cells, for the markdown file and the printed table.
 """
 
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgeft.fsutil import atomic_file, write_json
+from edgeft.core.fsutil import atomic_file, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

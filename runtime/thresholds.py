@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from edgeft.errors import ConfigError
+from edgeft.core.errors import ConfigError
 
 TOP1_MIN = {"lossless": 0.995, "8-bit": 0.98, "4-bit": 0.95}
 ACCURACY_DROP_MAX = 0.01  # fraction of rows: 0.01 = one percentage point

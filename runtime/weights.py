@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
 
 # GGUF metadata value types (gguf.GGUFValueType) -> fixed byte size; 8 = string, 9 = array.
 _GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}

@@ -1,7 +1,7 @@
 """Benchmark one artifact in its own process: ``python -m runtime.worker SPEC.json RESULT.json``.
 
 A process per artifact keeps peak RSS per artifact and keeps torch out of the ONNX and
-llama.cpp runs (this module imports numpy, edgeft.errors and the chosen back-end only).
+llama.cpp runs (this module imports numpy, edgeft.core.errors and the chosen back-end only).
 
 The spec (written by ``runtime.bench``)::
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
 
 
 def peak_rss_bytes() -> int:
@@ -87,7 +87,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 def score(backend: Any, acc: dict[str, Any]) -> dict[str, Any]:
     """Teacher-forced agreement with the reference, answer perplexity, and greedy answers."""
     from runtime.backends import greedy
-    from runtime.metrics import compare_logits, token_nll
+    from edgeft.core.compare import compare_logits, token_nll
 
     rows = acc["rows"]
     counts = [len(r["ids"]) - 1 - r["compare_from"] for r in rows]
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m runtime.worker SPEC.json RESULT.json", file=sys.stderr)
         return 64
     spec_path, out_path = map(Path, args)
-    from edgeft.fsutil import write_json
+    from edgeft.core.fsutil import write_json
 
     try:
         result, code = run(json.loads(spec_path.read_text())), 0

@@ -23,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir() -> Path:
     """The default model's tokenizer (BPE, chat template) saved as a HF directory, cached."""
-    from edgeft.fsutil import atomic_dir
+    from edgeft.core.fsutil import atomic_dir
     from edgeft.models import default_gguf_path, edgeft_home, gguf_tokenizer
 
     gguf = default_gguf_path()

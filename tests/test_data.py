@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from edgeft.data import IGNORE_INDEX, Row, load_rows, pack, tokenize_row, tokenize_rows, Tokenized
-from edgeft.errors import DataError
+from edgeft.data import IGNORE_INDEX, pack, tokenize_row, tokenize_rows, Tokenized
+from edgeft.core.rows import Row, load_rows
+from edgeft.core.errors import DataError
 
 
 def write(path, text):

@@ -17,9 +17,8 @@ from conftest import make_tiny_llama
 
 pytest.importorskip("llama_cpp")
 
-from edgeft.errors import EdgeftError  # noqa: E402
-from export import gguf_tables as T  # noqa: E402
-from export.gguf import export_gguf, gguf_tensor_types  # noqa: E402
+from edgeft.core.errors import EdgeftError  # noqa: E402
+from export.gguf import export_gguf, gguf_tensor_types, tables as T  # noqa: E402
 
 
 def check(record, name: str):
@@ -95,7 +94,7 @@ def test_quantize_path_writes_record(tmp_path, tiny_llama_dir, qtype, body_types
     assert files_in(tmp_path) == {out.name, out.name + ".verify.json", out.stem + ".Modelfile"}  # no intermediate left
     types = gguf_tensor_types(out)
     spec = T.QUANT_TYPES[qtype]
-    # the tensors we keep above the type (gguf_tables.QUANT_TYPES), llama.cpp's mix for the rest
+    # the tensors we keep above the type (tables.QUANT_TYPES), llama.cpp's mix for the rest
     for i in (0, 1):
         assert types[f"blk.{i}.attn_v.weight"] == "F16"
         assert types[f"blk.{i}.ffn_down.weight"] == "Q8_0"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgeft.records import RECORD_DIR_NAME, read_record
+from edgeft.core.records import RECORD_DIR_NAME, read_record
 
 EXPECTED_FILES = {
     "model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

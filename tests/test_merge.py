@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_FILES, bnb_config, make_adapter
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -184,7 +184,7 @@ def test_missing_and_unknown_artifacts(adapter, eval_file, tmp_path):
 
 
 def test_unverified_and_failed_artifacts(adapter, artifacts, eval_file, tiny_llama_dir, tmp_path):
-    from edgeft.records import Check, Record, write_record
+    from edgeft.core.records import Check, Record, write_record
 
     failed = tmp_path / "failed.gguf"
     os.symlink(artifacts["gguf"], failed)
@@ -257,7 +257,7 @@ def test_thresholds_by_precision_and_accuracy_drop():
 
 
 def test_eval_rows_skip_the_shared_system_prompt(smol_tokenizer_dir, tmp_path):
-    from edgeft.models import load_tokenizer
+    from runtime.modelfiles import load_tokenizer
     from runtime.bench import eval_set
 
     tok = load_tokenizer(str(smol_tokenizer_dir))

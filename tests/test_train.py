@@ -140,7 +140,7 @@ def test_qlora_cpu_memory_policies_keep_outputs_identical(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from edgeft.config import TrainConfig
-    from edgeft.models import load_tokenizer
+    from runtime.modelfiles import load_tokenizer
     from edgeft.train import load_model
 
     cfg = TrainConfig(model=str(tiny_llama_dir), data="unused.jsonl", output="unused", method="qlora",

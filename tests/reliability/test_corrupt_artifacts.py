@@ -51,7 +51,7 @@ def copy_gguf(src: Path, dst_dir: Path, *, record: bool = True) -> Path:
 
 
 def test_bench_refuses_changed_missing_and_failed(verified, tiny_lora_adapter, tiny_llama_dir, tmp_path):
-    from edgeft.records import Check, Record, write_record
+    from edgeft.core.records import Check, Record, write_record
     from runtime.bench import BenchConfig, check_inputs
 
     size = verified["gguf"].stat().st_size

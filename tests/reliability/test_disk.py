@@ -1,6 +1,6 @@
 """Low disk space is found before a merge, an export or a training save writes anything.
 
-Free space is the one boundary mocked: ``shutil.disk_usage`` as ``edgeft.fsutil`` sees it
+Free space is the one boundary mocked: ``shutil.disk_usage`` as ``edgeft.core.fsutil`` sees it
 reports 1 MiB free. Everything else is the real CLI on the tiny models.
 """
 
@@ -27,7 +27,7 @@ def low_disk(monkeypatch) -> list[Path]:
         probed.append(Path(path))
         return shutil._ntuple_diskusage(total=1 << 40, used=(1 << 40) - FREE, free=FREE)
 
-    monkeypatch.setattr("edgeft.fsutil.shutil.disk_usage", disk_usage)
+    monkeypatch.setattr("edgeft.core.fsutil.shutil.disk_usage", disk_usage)
     return probed
 
 

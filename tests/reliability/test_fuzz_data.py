@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from edgeft.data import load_rows
-from edgeft.errors import DataError
+from edgeft.core.rows import load_rows
+from edgeft.core.errors import DataError
 
 N_ROWS = 3000
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from conftest import make_tiny_llama
 from edgeft.cli import cli
-from edgeft.records import passed_and_bound, record_path
+from edgeft.core.records import passed_and_bound, record_path
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = random.Random(os.getpid())
@@ -101,7 +101,7 @@ def test_kill_9_during_gguf_export(tmp_path, tiny_llama_dir, q8_llama_dir, qtype
 
 
 def test_only_leftovers_of_dead_writers_are_removed(tmp_path):
-    from edgeft.fsutil import atomic_file
+    from edgeft.core.fsutil import atomic_file
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid, live_pid = int(dead.stdout), os.getppid()

@@ -10,6 +10,13 @@ from __future__ import annotations
 import click
 
 
+# What to do when training runs out of memory: printed by the CLI and by training itself.
+OOM_HINT = (
+    "out of memory; lower --batch-size or --max-seq-len (raise --grad-accum to keep the effective batch), "
+    "keep --gradient-checkpointing on, or use --method qlora"
+)
+
+
 class EdgeftError(click.ClickException):
     """A problem the user can fix; the message names the file, line, field or flag."""
 
@@ -33,3 +40,9 @@ class VerificationFailed(EdgeftError):
     """An artifact was written but did not pass its verification against the reference."""
 
     exit_code = 3
+
+
+def one_line(e: BaseException) -> str:
+    """An exception from a library as one short line: its type and the first line of its message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:400]

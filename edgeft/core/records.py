@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeft import __version__
-from edgeft.errors import EdgeftError
-from edgeft.fsutil import write_json
+from edgeft.core.errors import EdgeftError
+from edgeft.core.fsutil import write_json
 
 RECORD_DIR_NAME = "edgeft-verify.json"
 RECORD_FILE_SUFFIX = ".verify.json"

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError
 
 PARTIAL_SUFFIX = ".partial"
 

@@ -1,16 +1,30 @@
-"""Data tables for the GGUF export: architectures, tensor types, pre-tokenizers, chat formats.
+"""Data tables for the GGUF export: architectures, output types, pre-tokenizers, chat formats.
 
-Pure data and tiny pure functions, no I/O: the writer in ``export/gguf.py`` reads these rows.
+Pure data and tiny pure functions, no I/O: the stages of ``export/gguf/`` read these rows.
 Each row says where its facts come from. Tensor names are not here: gguf-py's
 ``TensorNameMap`` maps Hugging Face names to GGUF names.
+
+Adding an architecture is one ``ARCHITECTURES`` row: the llama.cpp graph it becomes and, where
+needed, a tensor transform (``transforms.py``) and the checks, metadata keys and extra tensors
+of ``arch_hooks.py``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import gguf
+import numpy as np
+
+from export.gguf import arch_hooks as H
+from export.gguf.transforms import TensorTransform, gemma_norm_plus_one, llama_qk_rope_layout
+
+Check = Callable[[dict[str, Any]], list[str]]
+Metadata = Callable[[Any, dict[str, Any]], None]
+ExtraTensors = Callable[[Path, dict[str, Any]], list[tuple[str, np.ndarray]]]
 
 # --------------------------------------------------------------------------------------------
 # Architectures
@@ -22,27 +36,30 @@ class ArchSpec:
     """How one Hugging Face ``architectures[0]`` becomes a llama.cpp model."""
 
     gguf_arch: gguf.MODEL_ARCH
-    # llama.cpp's rotary embedding pairs dimensions (i, i + 1) inside each head, HF pairs
-    # (i, i + head_dim / 2): the q/k rows of LlamaModel checkpoints are reordered on the way in
-    # (convert_hf_to_gguf.py, LlamaModel.permute). Qwen2 GGUFs keep the HF ("neox") layout.
-    permute_qk: bool
+    # Applied to every tensor on its way in (the model's ``modify_tensors`` in llama.cpp's
+    # convert_hf_to_gguf.py); None: tensors are written as Hugging Face stores them.
+    transform: TensorTransform | None = None
+    # rope_scaling kinds the llama.cpp graph can express for this architecture
+    rope_types: tuple[str, ...] = ("default", "linear", "yarn")
+    check: Check | None = None  # config -> problems: settings llama.cpp cannot express
+    metadata: Metadata | None = None  # (writer, config): the {arch}.* keys beyond the common ones
+    extra_tensors: ExtraTensors | None = None  # (model dir, config) -> tensors HF does not store
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    # Llama 2/3, TinyLlama, SmolLM/SmolLM2 (convert_hf_to_gguf.py: LlamaModel)
-    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    # Llama 2/3/3.2, TinyLlama, SmolLM/SmolLM2 (convert_hf_to_gguf.py: LlamaModel); q/k rows
+    # reordered to llama.cpp's RoPE layout (LlamaModel.permute); llama3 RoPE scaling as the
+    # rope_freqs tensor (LlamaModel.generate_extra_tensors)
+    "LlamaForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, transform=llama_qk_rope_layout,
+                                 rope_types=("default", "linear", "yarn", "llama3"), extra_tensors=H.llama3_rope_freqs),
     # Mistral 7B is a llama graph in llama.cpp (LlamaModel handles MistralForCausalLM)
-    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    # Qwen2/Qwen2.5: q/k/v biases, neox RoPE (convert_hf_to_gguf.py: Qwen2Model)
-    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, transform=llama_qk_rope_layout),
+    # Qwen2/Qwen2.5: q/k/v biases, neox RoPE kept in the HF layout (conversion/qwen.py: Qwen2Model)
+    "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2),
 }
 
 # HF buffers that are recomputed at load time and have no GGUF tensor.
 SKIPPED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
-
-# RoPE scaling kinds (``rope_scaling.rope_type``) the writer knows how to express.
-# "llama3" becomes a ``rope_freqs`` tensor, "linear"/"yarn" become metadata keys.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,6 +68,23 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 LFT = gguf.LlamaFileType
 F32, F16, BF16, Q8_0, Q6_K = (gguf.GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q6_K"))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A lossless precision the writer stores tensors in (gguf-py constants.py: GGML_QUANT_SIZES)."""
+
+    file_type: gguf.LlamaFileType  # general.file_type of a file whose 2-D tensors are in it
+    ggml_type: gguf.GGMLQuantizationType
+    numpy_dtype: type  # the array handed to the writer; bf16 as raw 16-bit patterns (numpy has none)
+    nbytes: int  # per value
+
+
+PRECISIONS: dict[str, Precision] = {
+    "f32": Precision(LFT.ALL_F32, F32, np.float32, 4),
+    "f16": Precision(LFT.MOSTLY_F16, F16, np.float16, 2),
+    "bf16": Precision(LFT.MOSTLY_BF16, BF16, np.uint16, 2),
+}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edgeft.errors import EdgeftError
+from edgeft.core.errors import EdgeftError, one_line
 from runtime.artifacts import GGUF, MERGED, ONNX, ONNX_MODEL, UNMERGED, adapter_config, base_model_of, read_run
 from runtime.weights import WeightBytes, gguf_weight_bytes, onnx_weight_bytes
 
@@ -98,11 +98,6 @@ def open_backend(kind: str, path: str | Path, *, threads: int, max_tokens: int) 
     raise EdgeftError(f"{path}: unknown artifact kind {kind!r}")
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 # ---------------------------------------------------------------------------------------------
 # PyTorch (eager, fp32 compute; the unmerged reference may hold its base in 4 bits)
 
@@ -134,7 +129,7 @@ class TorchBackend(Backend):
             return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
                                                         local_files_only=True, **kwargs)
         except Exception as e:  # transformers raises many types for unloadable directories
-            raise EdgeftError(f"{model_dir}: cannot load with transformers ({_one_line(e)})") from None
+            raise EdgeftError(f"{model_dir}: cannot load with transformers ({one_line(e)})") from None
 
     def _load_unmerged(self, adapter: Path) -> Any:
         """Base model as the adapter was trained on it (4-bit when edgeft-run.json says so) + LoRA."""
@@ -169,7 +164,7 @@ class TorchBackend(Backend):
         try:
             return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         except Exception as e:  # peft raises RuntimeError (shapes), ValueError (targets), KeyError
-            raise EdgeftError(f"{adapter}: the adapter does not fit base {base} ({_one_line(e)})") from None
+            raise EdgeftError(f"{adapter}: the adapter does not fit base {base} ({one_line(e)})") from None
 
     def _forward(self, ids: Sequence[int], cache: Any) -> np.ndarray:
         torch = self.torch
@@ -229,7 +224,7 @@ class OnnxBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # an op without a CPU kernel, a damaged file
-            raise EdgeftError(f"{self.path}: onnxruntime cannot load it ({_one_line(e)})") from None
+            raise EdgeftError(f"{self.path}: onnxruntime cannot load it ({one_line(e)})") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = sorted((n for n in inputs if _PAST.match(n)), key=lambda n: (int(_PAST.match(n)[1]), n))
         if "input_ids" not in inputs or not self.past:

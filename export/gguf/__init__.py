@@ -1,0 +1,112 @@
+"""Export a merged Hugging Face model to GGUF for llama.cpp, and verify it against PyTorch.
+
+``export_gguf`` (below) runs the stages in order, one module each:
+
+- ``plan.py``: read config, tokenizer (``vocab.py``) and safetensors headers and decide
+  everything; every problem is reported at once, before any work;
+- ``write.py``: metadata, vocabulary and tensors (f32/f16/bf16) into one GGUF file, each tensor
+  through its architecture's transform (``transforms.py``);
+- ``quantize.py``: llama.cpp's own quantizer for q8_0 and the k-quants, from a lossless
+  intermediate, keeping the tensors ``tables.QUANT_TYPES`` names (measured there) at higher
+  precision; ``tensor_types.py`` says where each tensor's type is chosen;
+- ``verify.py``: tokenisation, teacher-forced logits and a greedy chat continuation through
+  llama.cpp, compared with the HF tokenizer and the merged PyTorch model;
+- ``modelfile.py``: an Ollama Modelfile beside the GGUF;
+- ``record.py``: the verdict and the figures, as a ``Record``.
+
+The data all of them read (architectures, types and their bars, pre-tokenizers, chat formats,
+verification samples) is in ``tables.py``. The verdict is written next to the file as
+``FILE.gguf.verify.json`` (``edgeft.core.records``); a failed check still writes it, marked
+failed. The GGUF is written, verified and recorded under a temporary name, then renamed into
+place: a file under the final name always has its record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgeft.core.fsutil import atomic_file, ensure_free_space
+from edgeft.core.progress import say
+from edgeft.core.records import Record, write_record
+from export.gguf.modelfile import write_modelfile
+from export.gguf.plan import ExportPlan, plan_export
+from export.gguf.quantize import quantize_gguf
+from export.gguf.record import gguf_record
+from export.gguf.tables import PRECISIONS
+from export.gguf.tensor_types import choose_tensor_type, gguf_tensor_types
+from export.gguf.verify import verify_gguf
+from export.gguf.write import write_gguf
+
+__all__ = ["export_gguf", "gguf_tensor_types"]
+
+
+def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite: bool = False) -> Record:
+    """Export a merged HF model directory to a GGUF file, verify it, and write its record.
+
+    Returns the record (also written to ``OUTPUT.verify.json``); a failed verification is a
+    record with status "failed", not an exception. User errors (unsupported architecture,
+    missing tokenizer, unreadable weights, existing output) raise ``EdgeftError`` before any
+    file is written.
+    """
+    t_start = time.perf_counter()
+    plan = plan_export(Path(model_dir), Path(output), qtype, overwrite)
+    out = plan.output
+    ensure_free_space(out, _space_needed(plan), "the GGUF export")
+
+    timings: dict[str, float] = {}
+    # The file is verified and recorded under its temporary name, then renamed: whatever sits
+    # under the final name has its record beside it, bound to its bytes.
+    with atomic_file(out) as tmp:
+        _write(plan, tmp, timings)
+        with _timed(timings, "verify_s"):
+            say(f"verifying {out.name} against the PyTorch model")
+            checks, verify_metrics = verify_gguf(tmp, plan.model_dir, plan.spec, plan.vocab.hf_tokenizer)
+        modelfile = write_modelfile(out, plan.vocab)
+        timings["total_s"] = time.perf_counter() - t_start
+        record = gguf_record(plan, tmp, checks, verify_metrics, modelfile, timings)
+        write_record(out, record, data=tmp)
+    return record
+
+
+def _write(plan: ExportPlan, dst: Path, timings: dict[str, float]) -> None:
+    """The GGUF of ``plan.qtype`` into ``dst``: written directly (f32/f16/bf16), or a lossless
+    intermediate in the source precision, then llama.cpp's quantizer."""
+    if plan.spec.direct:
+        with _timed(timings, "write_s"):
+            write_gguf(plan, dst, plan.qtype)
+        return
+    # A ".NAME.PID*.partial" name: the next export to this name removes it if this process dies first.
+    inter = plan.output.with_name(f".{plan.output.name}.{os.getpid()}.intermediate.partial")
+    try:
+        with _timed(timings, "write_s"):
+            write_gguf(plan, inter, plan.source_dtype)
+        with _timed(timings, "quantize_s"):
+            say(f"quantizing to {plan.qtype} with llama.cpp")
+            quantize_gguf(inter, dst, plan.spec)
+    finally:
+        inter.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Seconds the block took, into ``timings[key]`` (nothing when it raises)."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+def _space_needed(plan: ExportPlan) -> int:
+    """Bytes the export needs at its peak (intermediate + quantized file), with some slack."""
+    if plan.spec.direct:
+        need = sum(int(np.prod(t.shape)) * PRECISIONS[choose_tensor_type(t.shape, plan.qtype)].nbytes
+                   for t in plan.tensors)
+    else:
+        need = (sum(int(np.prod(t.shape)) * PRECISIONS[plan.source_dtype].nbytes for t in plan.tensors)
+                + int(plan.n_params * plan.spec.bits_per_weight / 8))
+    return int(need * 1.05) + (32 << 20)

@@ -1,0 +1,127 @@
+"""Export a merged Hugging Face causal LM to ONNX with a KV cache, optionally quantize it, and verify it.
+
+Pipeline (``export_onnx``), one module per stage: ``plan`` checks the model directory (config,
+safetensors, tokenizer), the output path and the free space → ``reference`` loads the PyTorch model
+in fp32 and records the reference (logits and a greedy continuation for a few sample texts, one of
+them chat-formatted) → ``write`` exports fp32 through optimum (task ``text-generation-with-past``)
+into a temporary directory → ``quantize`` derives the requested variant (int8 / int4 / fp16, with
+the graph edits in ``graph``) from that fp32 graph → ``verify`` compares the variant with the
+reference → ``record`` writes ``edgeft-verify.json``, and the directory is renamed into place.
+A failed verification still writes the directory and a record marked ``failed``. Variant settings
+and their measured figures are in ``quantize``'s docstring, the bars each must meet in ``verify``.
+
+Output directory (one variant per directory; loads with
+``optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(DIR)``)::
+
+    model.onnx                 the graph (fp32, fp16, int8 or int4 weights)
+    model.onnx_data            external weights, only when the graph is over 2 GB
+    config.json, generation_config.json
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja (as the source has them)
+    edgeft-verify.json         the verification record
+
+Driving ``model.onnx`` with plain ``onnxruntime.InferenceSession`` (no optimum, no torch)::
+
+    inputs
+      input_ids                    int64  (batch, seq)
+      attention_mask               int64  (batch, past_len + seq)   1 = real token, 0 = padding
+      position_ids                 int64  (batch, seq)              cumsum(attention_mask) - 1, last `seq`
+                                                                    columns (padding positions: any value, e.g. 1)
+      past_key_values.{i}.key      float32 (batch, num_kv_heads, past_len, head_dim)   i = 0 .. layers-1
+      past_key_values.{i}.value    float32 (batch, num_kv_heads, past_len, head_dim)
+    outputs
+      logits                       float32 (batch, seq, vocab)
+      present.{i}.key / .value     float32 (batch, num_kv_heads, past_len + seq, head_dim)
+
+    The first call (prefill) passes the whole prompt with empty past tensors (``past_len`` = 0);
+    each later call passes only the new token(s) and feeds ``present.{i}.*`` back as
+    ``past_key_values.{i}.*``. Inputs and outputs are float32 in every variant (the fp16 graph
+    casts at its edges). Padding goes on the left. ``num_kv_heads`` and ``head_dim`` are static
+    in the graph's input shapes; ``runtime`` can read them from ``session.get_inputs()``.
+    ``verify.OrtLM`` is a small driver of exactly this interface.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgeft.core.fsutil import atomic_dir, ensure_free_space
+from edgeft.core.records import Record
+from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
+from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
+from export.onnx.quantize import Int4Settings, Int8Settings, make_variant
+from export.onnx.record import write_onnx_record
+from export.onnx.reference import GREEDY_TOKENS, Reference, load_torch, sample_prompts, torch_reference
+from export.onnx.stages import Progress, quiet
+from export.onnx.verify import BARS, Bars, OrtLM, verify_variant
+from export.onnx.write import export_fp32, onnx_size
+from runtime.modelfiles import load_tokenizer
+
+__all__ = [
+    "BARS", "Bars", "Int4Settings", "Int8Settings", "OrtLM", "Source", "VARIANTS",
+    "embedding_to_fp16", "export_onnx", "inspect_model_dir", "split_float_zero_points", "untie_lm_head",
+]
+
+_FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed before the rename
+
+
+def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False) -> Record:
+    """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
+
+    ``quantize``: None (fp32), "int8", "int4" or "fp16". The record is also written to
+    ``output/edgeft-verify.json``; a failed verification is returned (status "failed"), not raised.
+    """
+    variant = parse_variant(quantize)
+    model_dir, output = Path(model_dir), Path(output)
+    tokenizer = _plan(model_dir, output, variant, overwrite)
+    bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
+
+    progress = Progress()
+    with quiet():
+        model, refs = _reference(model_dir, tokenizer, progress)
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            fp32_bytes, quantizer = _write_variant(model, model_dir, tmp, variant, progress)
+            del model  # the reference is all verification needs; free the weights before ORT loads
+            gc.collect()
+            with progress.stage("verify", f"verifying {variant} against PyTorch"):
+                checks, figures = verify_variant(tmp, refs, bars, tokenizer=tokenizer)
+            record = write_onnx_record(tmp, artifact=output, reference=model_dir, variant=variant, bars=bars,
+                                       checks=checks, figures=figures, fp32_bytes=fp32_bytes,
+                                       quantizer=quantizer, timings=progress.finish())
+    progress.done(record)
+    return record
+
+
+def _plan(model_dir: Path, output: Path, variant: str, overwrite: bool) -> Any:
+    """Every check that needs no weights (output path, model directory, free space); returns the tokenizer."""
+    check_output(output, overwrite)
+    source = inspect_model_dir(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    ensure_free_space(output, space_needed(source, variant), "the ONNX export")
+    return tokenizer
+
+
+def _reference(model_dir: Path, tokenizer: Any, progress: Progress) -> tuple[Any, list[Reference]]:
+    """The fp32 PyTorch model and its reference on the sample prompts."""
+    with progress.stage("load", f"loading {model_dir.name} (PyTorch, fp32)"):
+        model = load_torch(model_dir)
+    with progress.stage("reference", "PyTorch reference: logits and greedy continuation"):
+        refs = torch_reference(model, sample_prompts(tokenizer), GREEDY_TOKENS)
+    return model, refs
+
+
+def _write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
+                   progress: Progress) -> tuple[int, dict[str, Any]]:
+    """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings)."""
+    fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
+    with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
+        export_fp32(model, model_dir, fp32_dir)
+    fp32_bytes = onnx_size(fp32_dir)
+    if variant == "fp32":
+        return fp32_bytes, {}
+    with progress.stage("convert", f"converting to {variant}"):
+        settings = make_variant(fp32_dir, tmp, variant)
+    shutil.rmtree(fp32_dir)  # only the variant ships
+    return fp32_bytes, settings
