@@ -1,0 +1,51 @@
+"""The interface every back-end implements (``Backend``) and the greedy decoding loop shared by all of them.
+
+A back-end takes token ids and returns float32 next-token logits as numpy arrays; needs numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from runtime.weights import WeightBytes
+
+
+class Backend:
+    """Base class: a loaded model that turns token ids into next-token logits."""
+
+    kind: str = ""
+    n_vocab: int = 0
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, token: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> WeightBytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release native resources (llama.cpp contexts); a no-op elsewhere."""
+
+
+def greedy(backend: Backend, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy continuation of ``prompt``: at most ``max_new_tokens``, ending at (and keeping) a stop id."""
+    stop = set(stop_ids)
+    backend.reset()
+    logits = backend.prefill(prompt)
+    out: list[int] = []
+    while True:
+        token = int(np.argmax(logits))
+        out.append(token)
+        if token in stop or len(out) >= max_new_tokens:
+            return out
+        logits = backend.step(token)
