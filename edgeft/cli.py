@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from edgeft import __version__
-from edgeft.core.errors import OOM_HINT, EdgeftError, VerificationFailed
+from edgeft.core.errors import OOM_HINT, VerificationFailed
 
 
 def _quiet_libraries() -> None:

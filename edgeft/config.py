@@ -65,7 +65,8 @@ class TrainConfig:
     lora_r: int = _f(16, "LoRA rank; higher increases capacity and memory")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input (0 skips the mask: about 16% of a CPU step)")
-    target_modules: str = _f("all-linear", "comma-separated module names to adapt, or all-linear")
+    target_modules: str = _f("all-linear", "layers LoRA adapts: all-linear, attention, mlp (named per "
+                                           "architecture) or comma-separated layer names")
     num_virtual_tokens: int = _f(20, "virtual tokens for prompt/prefix/p-tuning")
     # Quantization and memory
     quant_type: str = _f("nf4", "4-bit data type for --method qlora", QUANT_TYPES)

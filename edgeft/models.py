@@ -51,7 +51,7 @@ def default_gguf_path() -> Path:
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     # The version tag invalidates caches written by an older conversion.
-    key = hashlib.sha256(f"v2:{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"v3:{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return edgeft_home() / "models" / f"{gguf.stem}-{key}"
 
 
@@ -76,22 +76,36 @@ def import_gguf(gguf: str | os.PathLike, output: str | os.PathLike | None = None
 
     check_gguf_complete(gguf)  # transformers would fail deep inside numpy on a short file
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tok = gguf_tokenizer(gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except EdgeftError:
-        raise
+        model, completed = _gguf_model(gguf)
+    except EdgeftError as e:
+        raise EdgeftError(f"{gguf}: {e.format_message()}") from None
     except Exception as e:  # transformers raises many types for unreadable GGUFs
         raise EdgeftError(f"{gguf}: cannot convert GGUF to a Hugging Face model: {one_line(e)}") from None
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _fix_generation_config(tmp, tok)
-        (tmp / "edgeft-source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2) + "\n")
+        source = {"gguf": str(gguf.resolve()), "config_completed_from_gguf": completed}
+        (tmp / "edgeft-source.json").write_text(json.dumps(source, indent=2) + "\n")
     return out
+
+
+def _gguf_model(gguf: Path) -> tuple[Any, list[str]]:
+    """The fp32 model transformers builds from ``gguf``, with the settings it drops restored
+    (``edgeft.gguf_config``); returns the model and the names of the settings restored."""
+    import gguf as gguf_lib
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgeft.gguf_config import complete_config
+
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    completed = complete_config(config, gguf_lib.GGUFReader(str(gguf)))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, config=config,
+                                                 dtype=torch.float32)
+    return model, completed
 
 
 def gguf_tokenizer(gguf: str | os.PathLike) -> Any:
@@ -99,12 +113,25 @@ def gguf_tokenizer(gguf: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     gguf = Path(gguf)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return _tokenizer_from_gguf_metadata(tok, _gguf_metadata(gguf))
+    meta = _gguf_metadata(gguf)
+    if meta.get("tokenizer.ggml.model") == "llama":  # SentencePiece-style: merges in score order
+        from transformers import PreTrainedTokenizerFast
+
+        from edgeft.gguf_tokenizer import spm_bpe_tokenizer
+
+        backend = spm_bpe_tokenizer(_gguf_metadata(gguf, arrays=True))
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=meta.get("tokenizer.chat_template"))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return _tokenizer_from_gguf_metadata(tok, meta)
 
 
-def _gguf_metadata(gguf: Path) -> dict[str, Any]:
-    """Scalar tokenizer metadata of a GGUF file (ids, flags, chat template)."""
+_ARRAYS = {"tokens", "scores", "token_type", "merges"}
+
+
+def _gguf_metadata(gguf: Path, *, arrays: bool = False) -> dict[str, Any]:
+    """Tokenizer metadata of a GGUF file (ids, flags, chat template; the vocabulary arrays too
+    with ``arrays``)."""
     import gguf as gguf_lib
 
     try:
@@ -113,7 +140,7 @@ def _gguf_metadata(gguf: Path) -> dict[str, Any]:
         raise EdgeftError(f"{gguf}: unreadable GGUF ({one_line(e)})") from None
     meta: dict[str, Any] = {}
     for key, fld in reader.fields.items():
-        if key.startswith("tokenizer.") and key.rsplit(".", 1)[-1] not in {"tokens", "scores", "token_type", "merges"}:
+        if key.startswith("tokenizer.") and (arrays or key.rsplit(".", 1)[-1] not in _ARRAYS):
             try:
                 meta[key] = fld.contents()
             except Exception:  # a field of a type the reader cannot decode is not one we need
@@ -127,7 +154,7 @@ def _tokenizer_from_gguf_metadata(tok: Any, meta: dict[str, Any]) -> Any:
     transformers builds GGUF tokenizers under a Llama class that may take EOS/BOS from the
     wrong ids and always prepend BOS; the GGUF metadata is the source of truth.
     """
-    from tokenizers import decoders, pre_tokenizers, processors
+    from tokenizers import decoders, processors
     from transformers import PreTrainedTokenizerFast
 
     backend = tok.backend_tokenizer
@@ -139,9 +166,15 @@ def _tokenizer_from_gguf_metadata(tok: Any, meta: dict[str, Any]) -> Any:
 
     bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", tok.add_bos_token if hasattr(tok, "add_bos_token") else False))
-    byte_level = isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+    byte_level = meta.get("tokenizer.ggml.model") == "gpt2"
     if byte_level:
+        from edgeft.gguf_tokenizer import split_rule_pre_tokenizer
+
+        # llama.cpp's byte-level BPE splits by the rule the file names and normalizes nothing
+        # (transformers adds NFC for Qwen2, which composes "e" + U+0301 where llama.cpp does not)
         backend.decoder = decoders.ByteLevel()
+        backend.normalizer = None
+        backend.pre_tokenizer = split_rule_pre_tokenizer(meta.get("tokenizer.ggml.pre")) or backend.pre_tokenizer
     if add_bos and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]

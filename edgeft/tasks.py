@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 INSTRUCTION = "Name the product and the sentiment (positive or negative) of this review."

@@ -14,6 +14,7 @@ from edgeft.config import PEFT_PROMPT_METHODS, TrainConfig
 from edgeft.core.errors import ConfigError, EdgeftError
 from edgeft.cpumem import (LOAD_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD, dequantize_in_compute_dtype,
                            release_file_mappings, set_mmap_threshold)
+from edgeft.train.targets import resolve_targets
 
 # Model families whose output is plain ``lm_head(final_hidden)``: the loss can skip the
 # projection of prompt and pad positions. Others go through the model's own forward.
@@ -142,7 +143,8 @@ def _wrap_peft(cfg: TrainConfig, model: Any) -> Any:
 
     if cfg.method in ("qlora", "lora"):
         peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              lora_dropout=cfg.lora_dropout, target_modules=target_modules(cfg), bias="none")
+                              lora_dropout=cfg.lora_dropout, target_modules=resolve_targets(cfg.target_modules, model),
+                              bias="none")
     elif cfg.method == "prompt-tuning":
         peft_cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     elif cfg.method == "prefix-tuning":
@@ -156,13 +158,6 @@ def _wrap_peft(cfg: TrainConfig, model: Any) -> Any:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0][:300]}") from None
-
-
-def target_modules(cfg: TrainConfig) -> Any:
-    """``--target-modules`` as peft takes it: "all-linear" or a list of module names."""
-    if cfg.target_modules == "all-linear":
-        return "all-linear"
-    return [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
 
 
 def uses_selective_head(cfg: TrainConfig, model: Any) -> bool:

@@ -110,7 +110,19 @@ def _read_config(model_dir: Path, problems: list[str]) -> dict[str, Any]:
     if not isinstance(config, dict):
         problems.append(f"{model_dir / 'config.json'}: not a JSON object")
         return {}
-    return config
+    return {**_class_defaults(model_dir), **config}
+
+
+def _class_defaults(model_dir: Path) -> dict[str, Any]:
+    """Every setting of the model's config class, defaults included: ``save_pretrained`` leaves out
+    values equal to the base defaults (Gemma 3's ``tie_word_embeddings``, SmolLM3's
+    ``no_rope_layers``), and the file alone would read them wrongly."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False).to_dict()
+    except Exception:  # an unknown model type: the architecture check names it
+        return {}
 
 
 def _check_architecture(model_dir: Path, config: dict[str, Any], problems: list[str]) -> tuple[str, T.ArchSpec | None]:
@@ -157,9 +169,9 @@ def _read_tokenizer_json(model_dir: Path, problems: list[str]) -> dict[str, Any]
     if kind is None:
         problems.append(f"{path}: unreadable tokenizer file (invalid JSON or no model.type)")
         return None
-    if kind != "BPE":
+    if kind not in ("BPE", "Unigram"):
         problems.append(f"{path}: {kind} tokenizers are not supported for GGUF export (supported: BPE, "
-                        "byte-level or SentencePiece-style with byte fallback)")
+                        "byte-level or SentencePiece-style with byte fallback; Unigram with byte fallback)")
         return None
     return json.loads(path.read_text(encoding="utf-8"))
 

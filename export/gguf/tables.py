@@ -44,6 +44,9 @@ class ArchSpec:
     check: Check | None = None  # config -> problems: settings llama.cpp cannot express
     metadata: Metadata | None = None  # (writer, config): the {arch}.* keys beyond the common ones
     extra_tensors: ExtraTensors | None = None  # (model dir, config) -> tensors HF does not store
+    # llama.cpp applies some tokenizer rules by model name (llama-vocab.cpp: Phi-3's chat tokens
+    # swallow the whitespace after them); the name written carries this marker
+    name_marker: str | None = None
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -56,6 +59,23 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MistralForCausalLM": ArchSpec(gguf.MODEL_ARCH.LLAMA, transform=llama_qk_rope_layout),
     # Qwen2/Qwen2.5: q/k/v biases, neox RoPE kept in the HF layout (conversion/qwen.py: Qwen2Model)
     "Qwen2ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN2),
+    # Qwen3: per-head q/k RMSNorm (attn_q_norm/attn_k_norm), explicit head_dim, neox RoPE in the HF
+    # layout (conversion/qwen.py: Qwen3Model extends Qwen2Model)
+    "Qwen3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.QWEN3),
+    # Gemma 3 text (270M, 1B; conversion/gemma.py: Gemma3Model, src/models/gemma3.cpp): norms stored
+    # as 1 + w, embeddings scaled by sqrt(n_embd) inside llama.cpp's graph, per-layer sliding window
+    # with its own RoPE base, final-logit soft-capping, queries scaled by 1/sqrt(head_dim)
+    "Gemma3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.GEMMA3, transform=gemma_norm_plus_one,
+                                  rope_types=("default", "linear"), check=H.gemma3_check, metadata=H.gemma3_metadata),
+    # Phi-3/3.5/Phi-4-mini (conversion/phi.py: Phi3MiniModel, src/models/phi3.cpp): fused qkv_proj and
+    # gate_up_proj kept fused (attn_qkv, ffn_up of 2 x n_ff), neox RoPE over partial_rotary_factor of
+    # each head, longrope factor tables and attention factor
+    "Phi3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.PHI3, rope_types=("default",) + H.PHI3_LONGROPE,
+                                check=H.phi3_check, metadata=H.phi3_metadata, extra_tensors=H.phi3_rope_factors,
+                                name_marker="phi3"),
+    # SmolLM3 (conversion/llama.py: SmolLM3Model extends LlamaModel; src/models/smollm3.cpp): llama
+    # q/k layout, every 4th layer without RoPE (hard-coded in llama.cpp, checked against no_rope_layers)
+    "SmolLM3ForCausalLM": ArchSpec(gguf.MODEL_ARCH.SMOLLM3, transform=llama_qk_rope_layout, check=H.smollm3_check),
 }
 
 # HF buffers that are recomputed at load time and have no GGUF tensor.
@@ -246,6 +266,19 @@ CHAT_FORMATS: tuple[ChatFormat, ...] = (
         "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
         "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
         ("<|eot_id|>", "<|start_header_id|>"),
+    ),
+    ChatFormat(
+        "gemma",  # Gemma 2/3 instruct: the assistant's role is "model"
+        "<start_of_turn>",
+        "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
+        "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
+        ("<end_of_turn>", "<start_of_turn>"),
+    ),
+    ChatFormat(
+        "phi3",  # Phi-3, Phi-3.5, Phi-4-mini
+        "<|end|>",
+        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        ("<|end|>", "<|user|>", "<|assistant|>"),
     ),
     ChatFormat(
         "zephyr",  # TinyLlama-Chat

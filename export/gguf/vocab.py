@@ -43,10 +43,8 @@ def plan_vocab(model_dir: Path, tj: dict[str, Any], n_rows: int, problems: list[
     """
     from runtime.modelfiles import load_tokenizer
 
-    model = tj.get("model") or {}
-    vocab: dict[str, int] = model.get("vocab") or {}
     added = tj.get("added_tokens") or []
-    id_to_text: dict[int, str] = {i: t for t, i in vocab.items()}
+    id_to_text = {i: t for t, i in model_vocab(tj).items()}
     id_to_text.update({int(a["id"]): a["content"] for a in added})
     n_tok = max(id_to_text, default=-1) + 1
     if n_tok > n_rows:
@@ -88,13 +86,34 @@ def add_vocab_metadata(w: Any, v: VocabPlan) -> None:
     v.special.add_to_gguf(w, quiet=True)
 
 
+def model_vocab(tj: dict[str, Any]) -> dict[str, int]:
+    """token -> id of tokenizer.json's model: a mapping for BPE, a list of [piece, score] for Unigram.
+
+    transformers' Gemma GGUF converter renames the tab byte token ``<0x09>`` to a literal tab; it
+    is the byte token again here (llama.cpp reaches it through byte fallback, with the same id).
+    """
+    raw = (tj.get("model") or {}).get("vocab") or {}
+    vocab = {p[0]: i for i, p in enumerate(raw)} if isinstance(raw, list) else dict(raw)
+    if "<0x09>" not in vocab and "\t" in vocab:
+        vocab["<0x09>"] = vocab.pop("\t")
+    return vocab
+
+
+def _unigram_scores(tj: dict[str, Any], n_rows: int) -> list[float]:
+    """A Unigram model's own log-probabilities, one per embedding row (placeholders far below)."""
+    raw = (tj.get("model") or {}).get("vocab") or []
+    return [float(raw[i][1]) if i < len(raw) else -1e9 for i in range(n_rows)]
+
+
 def _vocab_kind(model_dir: Path, tj: dict[str, Any], problems: list[str]) -> str | None:
     """tokenizer.ggml.model ("gpt2" or "llama"), or None with a problem when llama.cpp has no equivalent."""
     model = tj.get("model") or {}
-    vocab: dict[str, int] = model.get("vocab") or {}
+    vocab = model_vocab(tj)
     # Byte-level BPE (GPT-2 family) whenever a ByteLevel step is present: transformers marks
     # byte-level tokenizers it rebuilt from a GGUF with byte_fallback too. Otherwise a BPE with
-    # byte fallback and "▁" word marks is SentencePiece-style (Llama 2, TinyLlama, Mistral).
+    # byte fallback and "▁" word marks is SentencePiece-style (Llama 2, TinyLlama, Mistral, Phi-3),
+    # and so is a Unigram with byte fallback (Gemma, as transformers builds it from a GGUF): both are
+    # llama.cpp's "llama" vocabulary, which merges by score.
     if _has_byte_level(tj):
         return "gpt2"
     if model.get("byte_fallback"):
@@ -104,8 +123,8 @@ def _vocab_kind(model_dir: Path, tj: dict[str, Any], problems: list[str]) -> str
                             f"256 byte tokens (e.g. {missing[0]}); llama.cpp needs all of them")
             return None
         return "llama"
-    problems.append(f"{model_dir / 'tokenizer.json'}: BPE tokenizer without ByteLevel or byte fallback "
-                    "has no llama.cpp equivalent")
+    problems.append(f"{model_dir / 'tokenizer.json'}: {model.get('type')} tokenizer without ByteLevel or byte "
+                    "fallback has no llama.cpp equivalent")
     return None
 
 
@@ -127,19 +146,22 @@ def _sentencepiece_fields(tj: dict[str, Any], tokens: list[str], types: list[int
     import gguf
 
     model = tj.get("model") or {}
-    vocab: dict[str, int] = model.get("vocab") or {}
-    if model.get("unk_token") in vocab:
-        types[vocab[model["unk_token"]]] = int(gguf.TokenType.UNKNOWN)
+    vocab = model_vocab(tj)
+    unk = model.get("unk_token")
+    unk_id = vocab.get(unk) if unk is not None else model.get("unk_id")
+    if unk_id is not None:
+        types[int(unk_id)] = int(gguf.TokenType.UNKNOWN)
     for i, t in enumerate(tokens):
         if _BYTE_TOKEN.fullmatch(t):
             types[i] = int(gguf.TokenType.BYTE)
+    if model.get("type") == "Unigram":
+        return _unigram_scores(tj, len(tokens)), _adds_space_prefix(tj)
     return _merge_scores(tokens, model.get("merges") or []), _adds_space_prefix(tj)
 
 
 def _pick_pre(tj: dict[str, Any], hf: Any) -> tuple[str, str]:
     """Byte-level BPE: tokenizer.ggml.pre and why (``tables.pick_bpe_pre``)."""
-    vocab: dict[str, int] = (tj.get("model") or {}).get("vocab") or {}
-    multi_digit = any(re.fullmatch(r"\D?\d{2,}", t) for t in vocab)
+    multi_digit = any(re.fullmatch(r"\D?\d{2,}", t) for t in model_vocab(tj))
     return T.pick_bpe_pre(
         split_regexes=_split_regexes(tj.get("pre_tokenizer")),
         byte_level_regex=_byte_level_uses_regex(tj.get("pre_tokenizer")),

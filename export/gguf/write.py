@@ -108,7 +108,7 @@ def _add_model_metadata(w: Any, plan: ExportPlan, file_type: Any) -> None:
     n_head = int(c["num_attention_heads"])
     head_dim = H.head_dim(c)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(str(c.get("_name_or_path") or plan.model_dir.name).rsplit("/", 1)[-1] or plan.model_dir.name)
+    w.add_name(_model_name(plan))
     w.add_context_length(int(c.get("max_position_embeddings") or 2048))
     w.add_embedding_length(n_embd)
     w.add_block_count(int(c["num_hidden_layers"]))
@@ -116,9 +116,8 @@ def _add_model_metadata(w: Any, plan: ExportPlan, file_type: Any) -> None:
     w.add_head_count(n_head)
     w.add_head_count_kv(int(c.get("num_key_value_heads") or n_head))
     w.add_rope_dimension_count(H.rope_dims(c))
-    if head_dim != n_embd // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_key_length(head_dim)  # always: readers differ in what they assume without it
+    w.add_value_length(head_dim)
     w.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(len(plan.vocab.tokens))
@@ -127,6 +126,14 @@ def _add_model_metadata(w: Any, plan: ExportPlan, file_type: Any) -> None:
     _add_rope_scaling(w, c)
     if plan.arch.metadata is not None:
         plan.arch.metadata(w, c)
+
+
+def _model_name(plan: ExportPlan) -> str:
+    name = str(plan.config.get("_name_or_path") or plan.model_dir.name).rsplit("/", 1)[-1] or plan.model_dir.name
+    marker = plan.arch.name_marker
+    if marker and marker not in name.lower().replace("-", ""):
+        name = f"{name} ({marker})"
+    return name
 
 
 def _add_rope_scaling(w: Any, c: dict[str, Any]) -> None:
