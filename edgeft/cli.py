@@ -28,6 +28,10 @@ def _quiet_libraries() -> None:
     # bitsandbytes warns at import when an optional hub-hosted CPU kernel is absent; the
     # built-in kernel is used instead, so the warning is noise here.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers imports torchao (the mobile extra) when it is installed; its optional CUDA kernels fail
+    # to load on CPU builds and torch deprecates how it registers enums: both warnings are noise.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore")
 
@@ -107,39 +111,131 @@ def merge_cmd(adapter: Path, output: Path, base: str | None, policy: str, dtype:
 
 @cli.group("export")
 def export_group() -> None:
-    """Export a merged model to ONNX or GGUF (each export is verified against PyTorch)."""
+    """Export a merged model to ONNX (optimum, GenAI, ORT format), GGUF or ExecuTorch (each verified against PyTorch)."""
+
+
+ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai", "export_genai"),
+                "ort": ("export.ort", "export_ort")}
 
 
 @export_group.command("onnx")
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="ONNX output directory.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True, help="Edge variant.")
+@click.option("--format", "fmt", type=click.Choice(list(ONNX_FORMATS)), default="onnx", show_default=True,
+              help="onnx: optimum folder; genai: ONNX Runtime GenAI folder (genai_config.json); ort: ORT-format model "
+                   "+ required-operators config for onnxruntime mobile.")
+@click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def export_onnx_cmd(model: Path, output: Path, quantize: str, overwrite: bool) -> None:
+def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None, overwrite: bool) -> None:
     """Export to ONNX with KV cache (optimum), optionally quantized, and verify."""
-    from export.onnx import export_onnx
+    import importlib
 
-    _report(export_onnx(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite))
+    from edgeft.core.errors import ConfigError
+
+    if eval_data is not None and fmt != "onnx":
+        raise ConfigError(f"--eval-data: only with --format onnx (not {fmt})")
+    module, name = ONNX_FORMATS[fmt]
+    export = getattr(importlib.import_module(module), name)
+    extra = {"eval_data": eval_data} if eval_data is not None else {}
+    _report(export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite, **extra))
 
 
-GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]
+@export_group.command("executorch")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Output directory (model.pte + tokenizer).")
+@click.option("--quantize", type=click.Choice(["8da4w", "fp32"]), default="8da4w", show_default=True,
+              help="8da4w: int8 dynamic activations, int4 weights (groups of 32); fp32: no quantization.")
+@click.option("--max-seq-len", type=int, default=512, show_default=True, help="KV cache length built into the program.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def export_executorch_cmd(model: Path, output: Path, quantize: str, max_seq_len: int, overwrite: bool) -> None:
+    """Export an ExecuTorch program (.pte, XNNPACK) for phones, and verify it with executorch's runtime."""
+    from export.executorch import export_executorch
+
+    _report(export_executorch(model, output, quantize=quantize, max_seq_len=max_seq_len, overwrite=overwrite))
+
+
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
 
 
 @export_group.command("gguf")
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES, case_sensitive=False), default="f16", show_default=True, help="llama.cpp tensor type.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Rows to calibrate the quantizer on (an importance matrix), normally the training data.")
+@click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
+              help="--type auto: task accuracy points the smallest file kept may lose against the merged model.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-def export_gguf_cmd(model: Path, output: Path, qtype: str, overwrite: bool) -> None:
-    """Export to GGUF for llama.cpp (and write an Ollama Modelfile), and verify."""
+def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | None, eval_data: Path | None,
+                    max_accuracy_drop: float, overwrite: bool) -> None:
+    """Export to GGUF for llama.cpp (and write an Ollama Modelfile), and verify.
+
+    --type auto tries the quantized types (with and without an importance matrix) on --eval-data and
+    keeps the smallest within --max-accuracy-drop; the frontier is saved as FILE.frontier.png.
+    """
+    if qtype.lower() == "auto":
+        from export.gguf.auto import export_gguf_auto
+
+        _report(export_gguf_auto(model, output, max_accuracy_drop=max_accuracy_drop, eval_data=eval_data,
+                                 calibration=calibration, overwrite=overwrite))
+        return
     from export.gguf import export_gguf
 
-    _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite))
+    _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite, calibration=calibration,
+                        eval_data=eval_data))
+
+
+@export_group.command("gguf-lora")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="LoRA adapter directory (from `edgeft train`).")
+@click.option("--base", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The verified base GGUF the adapter will run on.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Adapter file to write (TASK.lora.gguf).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def export_gguf_lora_cmd(adapter: Path, base: Path, output: Path, overwrite: bool) -> None:
+    """Export a LoRA adapter in llama.cpp's GGUF adapter format, verified on the base GGUF."""
+    from export.gguf_lora import export_gguf_lora
+
+    _report(export_gguf_lora(adapter, base, output, overwrite=overwrite))
 
 
 from runtime.cli_bench import bench_cmd  # noqa: E402  (numpy + click only at import)
 
 cli.add_command(bench_cmd)
+
+from runtime.cli_eval import eval_cmd  # noqa: E402  (click only at import)
+
+cli.add_command(eval_cmd)
+
+from edgeft.datatools.cli import data_group  # noqa: E402  (click only at import)
+
+cli.add_command(data_group)
+
+
+@cli.command("serve")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only unless you change it).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=FILE",
+              help="A task adapter (from `edgeft export gguf-lora`) on a GGUF base; requests select it with model=NAME. Repeatable.")
+@click.option("--slots", type=int, default=1, show_default=True, help="Requests decoded at the same time (weights shared).")
+@click.option("--queue", type=int, default=16, show_default=True, help="Requests that may wait for a slot; beyond that 429.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds a request may take, queueing included.")
+@click.option("--threads", type=int, default=None, help="Engine threads per slot (default: cores / slots).")
+@click.option("--ctx", type=int, default=2048, show_default=True, help="Context per slot, capped at the model's own.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Answer length when a request gives none.")
+@click.option("--max-prompt-tokens", type=int, default=None, help="Longest prompt accepted (default: the context).")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body.")
+@click.option("--api-key", envvar="EDGEFT_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' (or set EDGEFT_API_KEY).")
+@click.option("--name", default=None, help="Model id clients send (default: the artifact's name).")
+@click.option("--allow-unverified", is_flag=True, help="Serve an artifact whose verification record is missing, failed or stale.")
+def serve_cmd(artifact: Path, adapters: tuple[str, ...], **options) -> None:
+    """Serve an artifact (GGUF, ONNX, merged model, adapter) over an OpenAI-compatible HTTP API."""
+    from runtime.serve import ServeConfig, parse_adapters, serve
+
+    serve(ServeConfig(artifact=artifact, adapters=parse_adapters(adapters), **options), announce=click.echo)
 
 
 @cli.command("run")

@@ -18,7 +18,7 @@ from edgeft.core.errors import ConfigError
 METHODS = ("qlora", "lora", "full", "prompt-tuning", "prefix-tuning", "p-tuning")
 PEFT_PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
 SCHEMAS = ("auto", "instruction", "chat", "sharegpt", "prompt-completion", "text")
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "linear", "cosine", "exponential", "step")
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw", "adamw_8bit")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -50,6 +50,16 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", "learning-rate schedule after warm-up", SCHEDULERS)
     warmup_steps: int = _f(0, "linear warm-up steps (overrides --warmup-ratio when > 0)")
     warmup_ratio: float = _f(0.03, "warm-up as a fraction of all steps")
+    lr_gamma: float | None = _f(None, "decay factor: per step for exponential (default: the rate falls to 10% of --lr "
+                                      "by the last step), per milestone for step (default 0.1)")
+    lr_step_size: int = _f(0, "step schedule: multiply the rate by --lr-gamma every N steps after warm-up "
+                              "(0: use --lr-milestones)")
+    lr_milestones: str = _f("", "step schedule: comma-separated steps at which the rate is multiplied by "
+                                "--lr-gamma (default: 50% and 75% of the steps)")
+    layer_lr_decay: float = _f(1.0, "layer-wise rate: decoder block i of L trains at --lr x decay^(L-1-i), larger "
+                                    "toward the output; embeddings at decay^L (1: off)")
+    loraplus_lr_ratio: float = _f(1.0, "LoRA+: LoRA B matrices train at this multiple of their group's rate "
+                                       "(1: off; the LoRA+ paper suggests 16)")
     weight_decay: float = _f(0.0, "decoupled weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 turns clipping off")
     optimizer: str = _f("paged_adamw_8bit", "optimizer (paged ones page state to CPU under memory pressure)", OPTIMIZERS)
@@ -75,6 +85,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     device: str = _f("auto", "where to train", DEVICES)
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    # Several processes (data parallel)
+    num_processes: int = _f(1, "processes that train together on this machine, each on its share of every batch "
+                               "(launches torchrun; global batch = batch_size x grad_accum x processes)")
+    dist_timeout: int = _f(300, "seconds a process of a multi-process run waits for the others before the run "
+                                "stops with an error")
     # Safety
     trust_remote_code: bool = _f(False, "allow model code from the model directory/Hub to run")
     allow_pickle: bool = _f(False, "load a model stored only as pickle weights (*.bin), with torch.load(weights_only=True)")
@@ -192,6 +207,9 @@ def validate(cfg: TrainConfig) -> None:
         p.append("--weight-decay and --max-grad-norm must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         p.append("--threads must be >= 1")
+    if cfg.num_processes < 1 or cfg.dist_timeout < 1:
+        p.append("--num-processes and --dist-timeout must be >= 1")
+    p += schedule_problems(cfg)
     if cfg.early_stopping_patience and cfg.eval_every == 0:
         p.append("--early-stopping-patience needs --eval-every > 0")
     if cfg.method in PEFT_PROMPT_METHODS and cfg.packing:
@@ -202,6 +220,35 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--eval-data {cfg.eval_data}: file not found")
     if p:
         raise ConfigError("; ".join(p))
+
+
+def parse_milestones(text: str) -> list[int]:
+    """``"100,200"`` -> [100, 200] (ConfigError naming --lr-milestones unless positive and increasing)."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--lr-milestones must be comma-separated step numbers, got {text!r}") from None
+    if any(b <= a for a, b in zip(steps, steps[1:])) or any(x < 1 for x in steps):
+        raise ConfigError(f"--lr-milestones must be increasing steps >= 1, got {text!r}")
+    return steps
+
+
+def schedule_problems(cfg: TrainConfig) -> list[str]:
+    """Problems with the schedule and per-group rate options."""
+    p = []
+    if cfg.lr_gamma is not None and not 0 < cfg.lr_gamma <= 1:
+        p.append("--lr-gamma must be in (0, 1]")
+    if cfg.lr_step_size < 0:
+        p.append("--lr-step-size must be >= 0")
+    try:
+        parse_milestones(cfg.lr_milestones)
+    except ConfigError as e:
+        p.append(e.message)
+    if not 0 < cfg.layer_lr_decay <= 1:
+        p.append("--layer-lr-decay must be in (0, 1]")
+    if cfg.loraplus_lr_ratio <= 0:
+        p.append("--loraplus-lr-ratio must be > 0")
+    return p
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

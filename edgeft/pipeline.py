@@ -38,7 +38,7 @@ from edgeft.core.progress import say
 from edgeft.core.records import passed_and_bound
 
 ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
-GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto")
 _SECTIONS = {"output", "train", "merge", "export", "bench"}
 _BENCH_INTS = ("repeats", "warmup", "new_tokens", "prompt_tokens", "answer_tokens")
 
@@ -55,6 +55,7 @@ class PipelineConfig:
     bench_threads: int | None = None
     bench_max_rows: int | None = 64
     strict: bool = False
+    max_accuracy_drop: float = 1.0  # points: `gguf: [auto]` keeps the smallest file within it
     bench_extra: dict[str, Any] = field(default_factory=dict)  # other BenchConfig fields (repeats, new_tokens, ...)
 
 
@@ -113,7 +114,10 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     merge = _section(data, "merge", path)
     _check_keys(merge, {"policy", "dtype"}, f"{path}: merge")
     export = _section(data, "export", path)
-    _check_keys(export, {"onnx", "gguf"}, f"{path}: export")
+    _check_keys(export, {"onnx", "gguf", "max_accuracy_drop"}, f"{path}: export")
+    drop = export.get("max_accuracy_drop", 1.0)
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 100:
+        raise ConfigError(f"{path}: export.max_accuracy_drop must be a number of points from 0 to 100, got {drop!r}")
     bench = _section(data, "bench", path)
     _check_keys(bench, {"data", "threads", "max_rows", "strict", *_BENCH_INTS}, f"{path}: bench")
     extra = {}
@@ -129,7 +133,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         gguf=_variants(export.get("gguf", ["f16", "q8_0", "q4_k_m"]), GGUF_VARIANTS, f"{path}: export.gguf"),
         bench_data=bench.get("data") or train.eval_data or train.data,
         bench_threads=bench.get("threads"), bench_max_rows=bench.get("max_rows", 64), strict=bool(bench.get("strict", False)),
-        bench_extra=extra,
+        bench_extra=extra, max_accuracy_drop=float(drop),
     )
     if cfg.merge_policy not in ("auto", "base", "nf4-dequant"):
         raise ConfigError(f"{path}: merge.policy must be auto, base or nf4-dequant")
@@ -146,6 +150,14 @@ def artifact_paths(cfg: PipelineConfig) -> list[Path]:
     paths += [out / f"onnx-{v}" for v in cfg.onnx]
     paths += [out / f"model.{v}.gguf" for v in cfg.gguf]
     return paths
+
+
+def _eval_data(cfg: PipelineConfig) -> Path | None:
+    """The evaluation rows the exports are judged on: the bench's data, else training's held-out file."""
+    data = cfg.bench_data or cfg.train.eval_data
+    if not data or Path(data).resolve() == Path(cfg.train.data).resolve():
+        return None  # no held-out rows: the generic samples decide
+    return Path(data)
 
 
 def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
@@ -177,7 +189,8 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
         def run_onnx(v=v, target=target) -> None:
             from export.onnx import export_onnx
 
-            _verdict(export_onnx(merged, target, quantize=None if v == "fp32" else v, overwrite=True))
+            _verdict(export_onnx(merged, target, quantize=None if v == "fp32" else v, overwrite=True,
+                                 eval_data=_eval_data(cfg)))
 
         result.append((f"export onnx {v}", lambda t=target: passed_and_bound(t), run_onnx))
     for v in cfg.gguf:
@@ -186,7 +199,15 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
         def run_gguf(v=v, target=target) -> None:
             from export.gguf import export_gguf
 
-            _verdict(export_gguf(merged, target, qtype=v, overwrite=True))
+            # calibrated on the training rows, judged on the evaluation rows
+            if v == "auto":
+                from export.gguf.auto import export_gguf_auto
+
+                _verdict(export_gguf_auto(merged, target, max_accuracy_drop=cfg.max_accuracy_drop, overwrite=True,
+                                          eval_data=_eval_data(cfg), calibration=Path(cfg.train.data)))
+                return
+            _verdict(export_gguf(merged, target, qtype=v, overwrite=True, calibration=Path(cfg.train.data),
+                                 eval_data=_eval_data(cfg)))
 
         result.append((f"export gguf {v}", lambda t=target: passed_and_bound(t), run_gguf))
     report = out / "bench" / "report.json"

@@ -17,8 +17,6 @@ def _pyplot():
 
 def training_curves(metrics: list[dict[str, Any]], out: Path) -> Path:
     """Training loss, eval loss and learning rate against optimizer step."""
-    from edgeft.core.fsutil import atomic_file
-
     plt = _pyplot()
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
@@ -35,6 +33,14 @@ def training_curves(metrics: list[dict[str, Any]], out: Path) -> Path:
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("optimizer step")
     ax2.grid(alpha=0.3)
+    return save_png(fig, out)
+
+
+def save_png(fig: Any, out: Path) -> Path:
+    """Lay out ``fig``, write it to ``out`` atomically as a PNG, and close it."""
+    from edgeft.core.fsutil import atomic_file
+
+    plt = _pyplot()
     fig.tight_layout()
     with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

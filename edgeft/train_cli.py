@@ -45,6 +45,13 @@ def train_cmd(ctx: click.Context, config_file: Path | None, resume: bool, overwr
     cfg = TrainConfig(**values)
     validate(cfg)
     from edgeft.train import train
+    from edgeft.train.distributed import is_main_process, under_launcher
 
+    if cfg.num_processes > 1 and not under_launcher():
+        from edgeft.train.launch import launch_processes
+
+        launch_processes(values, cfg.num_processes, resume=resume, overwrite=overwrite)  # rank 0 prints the summary
+        return
     result = train(cfg, resume=resume, overwrite=overwrite)
-    click.echo(result.summary())
+    if is_main_process():
+        click.echo(result.summary())

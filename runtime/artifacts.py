@@ -13,11 +13,13 @@ from typing import Any
 
 from edgeft.core.errors import EdgeftError
 from edgeft.core.records import ONNX_MODEL
+from runtime.mobile import EXECUTORCH, GENAI, ORT, describe_mobile, mobile_kind
 
 UNMERGED, MERGED, ONNX, GGUF = "unmerged", "merged", "onnx", "gguf"
-KINDS = (UNMERGED, MERGED, ONNX, GGUF)
+KINDS = (UNMERGED, MERGED, ONNX, GGUF, GENAI, ORT, EXECUTORCH)
 # Which engine runs each kind (the report's "backend" column).
-BACKEND_OF = {UNMERGED: "pytorch", MERGED: "pytorch", ONNX: "onnxruntime", GGUF: "llama.cpp"}
+BACKEND_OF = {UNMERGED: "pytorch", MERGED: "pytorch", ONNX: "onnxruntime", GGUF: "llama.cpp",
+              GENAI: "onnxruntime-genai", ORT: "onnxruntime (ORT format)", EXECUTORCH: "executorch"}
 
 RUN_FILE = "edgeft-run.json"  # written by `edgeft train` beside the adapter
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,6 +50,9 @@ def detect_kind(path: Path) -> str | None:
             return GGUF if fh.read(4) == b"GGUF" else None
     if not path.is_dir():
         return None
+    mobile = mobile_kind(path)  # a GenAI folder holds model.onnx too: look for the phone formats first
+    if mobile:
+        return mobile
     if (path / ONNX_MODEL).is_file():
         return ONNX
     if (path / ADAPTER_CONFIG).is_file():
@@ -67,8 +72,12 @@ def describe(path: str | Path, *, flag: str) -> Artifact:
         what = "file" if path.is_file() else "directory"
         raise EdgeftError(
             f"{flag} {path}: unknown artifact kind ({what} is none of: a .gguf file, an ONNX export directory "
-            f"with {ONNX_MODEL}, a merged model directory with config.json and *.safetensors, an adapter directory)"
+            f"with {ONNX_MODEL}, an ONNX Runtime GenAI, ORT-format or ExecuTorch directory, a merged model "
+            "directory with config.json and *.safetensors, an adapter directory)"
         )
+    if kind in (GENAI, ORT, EXECUTORCH):
+        size, precision = describe_mobile(path, kind, flag=flag)
+        return Artifact(path, kind, precision, size, path.name)
     if kind == GGUF:
         from runtime.weights import check_gguf_complete
 

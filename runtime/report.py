@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.core.fsutil import atomic_file, write_json
+from runtime.taskreport import task_lines, write_confusion_plots
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -34,6 +35,7 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
         tmp.write_text(markdown(report), encoding="utf-8")
     plot_latency(report, out / LATENCY_PNG)
     plot_accuracy_vs_size(report, out / ACCURACY_PNG)
+    write_confusion_plots([(e["name"], e.get("task_metrics")) for e in report["entries"]], out)
     return [out / name for name in OUTPUT_FILES]
 
 
@@ -120,6 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"% BW limit: {report['bandwidth_note']}.",
         "",
     ]
+    lines += task_lines([(e["name"], e.get("task_metrics")) for e in report["entries"]])
     return "\n".join(lines)
 
 

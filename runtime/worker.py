@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         # Peak of load + the latency workload: what the device must hold to serve it.
         result["peak_rss_bytes"] = peak_rss_bytes()
         if spec.get("accuracy"):
-            result["accuracy"] = score(backend, spec["accuracy"])
+            result["accuracy"] = score(backend, spec["accuracy"], _progress_writer(spec.get("progress_file")))
         result["peak_rss_total_bytes"] = peak_rss_bytes()
     finally:
         backend.close()
@@ -84,16 +84,21 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def score(backend: Any, acc: dict[str, Any]) -> dict[str, Any]:
-    """Teacher-forced agreement with the reference, answer perplexity, and greedy answers."""
+def score(backend: Any, acc: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Teacher-forced agreement with the reference, answer perplexity, and greedy answers.
+
+    The reference writes a top-K summary of each compared position; an artifact compares its own
+    logits with it row by row: memory holds one row's logits, whatever the number of rows.
+    """
+    from edgeft.core.compare import compare_to_summary, token_nll, top_k_summary
     from runtime.backends import greedy
-    from edgeft.core.compare import compare_logits, token_nll
 
     rows = acc["rows"]
     counts = [len(r["ids"]) - 1 - r["compare_from"] for r in rows]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-    path = Path(acc["logits_file"])
-    ref = None
+    ids_file, lp_file = _summary_files(acc["logits_file"])
+    writing = acc["write_logits"]
+    ref_ids = ref_lp = None
     top1 = kl_sum = 0.0
     kl_max = max_diff = 0.0
     nll_sum, nll_count = 0.0, 0
@@ -104,20 +109,23 @@ def score(backend: Any, acc: dict[str, Any]) -> dict[str, Any]:
         nll = token_nll(logits[p - 1: len(ids) - 1], np.asarray(ids[p:]))
         nll_sum, nll_count = nll_sum + float(nll.sum()), nll_count + len(nll)
         mine = logits[c: len(ids) - 1]  # (counts[i], V)
-        if acc["write_logits"]:
-            if ref is None:
-                ref = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), logits.shape[1]))
-            ref[offsets[i]: offsets[i + 1]] = mine
+        if ref_ids is None:
+            ref_ids, ref_lp = _open_summary(ids_file, lp_file, int(offsets[-1]), mine.shape[1], writing)
+        sl = slice(offsets[i], offsets[i + 1])
+        if writing:
+            ref_ids[sl], ref_lp[sl] = top_k_summary(mine)
         else:
-            if ref is None:
-                ref = np.load(path, mmap_mode="r")
-            m = compare_logits(np.asarray(ref[offsets[i]: offsets[i + 1]]), mine)
+            m = compare_to_summary(np.asarray(ref_ids[sl]), np.asarray(ref_lp[sl]), mine)
             top1 += m["top1_agreement"] * counts[i]
             kl_sum += m["mean_kl"] * counts[i]
-            kl_max, max_diff = max(kl_max, m["max_kl"]), max(max_diff, m["max_abs_diff"])
+            kl_max, max_diff = max(kl_max, m["max_kl"]), max(max_diff, m["max_abs_logprob_diff"])
+        del logits, mine
         generations.append(greedy(backend, ids[:p], acc["answer_tokens"], acc["stop_ids"]))
-    if acc["write_logits"] and ref is not None:
-        ref.flush()
+        if progress is not None:
+            progress(i + 1, len(rows))
+    if writing and ref_ids is not None:
+        ref_ids.flush()
+        ref_lp.flush()
     n = int(offsets[-1])
     out: dict[str, Any] = {
         "positions": n,
@@ -125,12 +133,39 @@ def score(backend: Any, acc: dict[str, Any]) -> dict[str, Any]:
         "perplexity": math.exp(nll_sum / nll_count) if nll_count else float("nan"),
         "generations": generations,
     }
-    if not acc["write_logits"]:
+    if not writing:
         out.update(top1_agreement=top1 / n if n else float("nan"), mean_kl=kl_sum / n if n else float("nan"),
                    max_kl=kl_max, max_abs_diff=max_diff)
     else:
         out.update(top1_agreement=1.0, mean_kl=0.0, max_kl=0.0, max_abs_diff=0.0)
     return out
+
+
+def _progress_writer(path: str | None) -> Callable[[int, int], None] | None:
+    """Rows scored so far, written as "DONE TOTAL" to ``path`` for the bench's progress bar."""
+    if not path:
+        return None
+
+    def write(done: int, total: int) -> None:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(f"{done} {total}")
+        tmp.replace(path)
+    return write
+
+
+def _summary_files(prefix: str) -> tuple[Path, Path]:
+    return Path(prefix + ".ids.npy"), Path(prefix + ".logprobs.npy")
+
+
+def _open_summary(ids_file: Path, lp_file: Path, n: int, vocab: int, writing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's top-K ids and log-probs, memory-mapped: created by the reference, read by the others."""
+    from edgeft.core.compare import TOP_K
+
+    if writing:
+        k = min(TOP_K, vocab)
+        return (np.lib.format.open_memmap(ids_file, mode="w+", dtype=np.int32, shape=(n, k)),
+                np.lib.format.open_memmap(lp_file, mode="w+", dtype=np.float32, shape=(n, k)))
+    return np.load(ids_file, mmap_mode="r"), np.load(lp_file, mmap_mode="r")
 
 
 def main(argv: list[str] | None = None) -> int:

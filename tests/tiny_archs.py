@@ -177,8 +177,8 @@ ARCH_CASES: dict[str, ArchCase] = {
                       "original_max_position_embeddings": 64})),
     # Qwen2.5: q/k/v biases, Qwen2 BPE
     "qwen2.5": ArchCase("qwen2.5", "Qwen2Config", "Qwen2ForCausalLM", "bpe-qwen2", dict(tie_word_embeddings=True)),
-    # Qwen3: per-head q/k RMSNorm, explicit head_dim
-    "qwen3": ArchCase("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "bpe-qwen2", dict(tie_word_embeddings=True, head_dim=32)),
+    # Qwen3: per-head q/k RMSNorm, head_dim larger than hidden / heads (as Qwen3-0.6B: 128 vs 1024 / 16)
+    "qwen3": ArchCase("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "bpe-qwen2", dict(tie_word_embeddings=True, head_dim=64)),
     # Gemma 3: +1 norms, embedding scale, sliding window every other layer, final-logit soft-capping
     "gemma3": ArchCase("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "spm-bpe-gemma", dict(
         head_dim=32, query_pre_attn_scalar=32, sliding_window=16, final_logit_softcapping=30.0,

@@ -30,6 +30,7 @@ from edgeft.core.fsutil import write_json
 RECORD_DIR_NAME = "edgeft-verify.json"
 RECORD_FILE_SUFFIX = ".verify.json"
 ONNX_MODEL = "model.onnx"  # an ONNX export's graph; its external data files share the prefix
+MOBILE_FILES = ("genai_config.json", "model.ort", "model.pte")  # phone formats (runtime/mobile.py)
 
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
 
@@ -91,12 +92,13 @@ class Record:
 
 def weight_files(artifact: str | Path) -> list[Path]:
     """The files whose bytes a record vouches for: a GGUF file itself, an ONNX export's
-    ``model.onnx*``, a merged model's ``*.safetensors``."""
+    ``model.onnx*`` (with ``genai_config.json`` in a GenAI folder), an ORT-format ``model.ort``,
+    an ExecuTorch ``model.pte``, a merged model's ``*.safetensors``."""
     artifact = Path(artifact)
     if not artifact.is_dir():
         return [artifact]
-    onnx = [p for p in artifact.iterdir() if p.is_file() and p.name.startswith(ONNX_MODEL)]
-    return sorted(onnx or artifact.glob("*.safetensors"))
+    graphs = [p for p in artifact.iterdir() if p.is_file() and (p.name.startswith(ONNX_MODEL) or p.name in MOBILE_FILES)]
+    return sorted(graphs or artifact.glob("*.safetensors"))
 
 
 # sha256 per file version (device, inode, size, mtime): `edgeft run` checks every artifact's

@@ -49,10 +49,11 @@ class Batches:
                 m += 1
 
 
-def plan_batches(cfg: TrainConfig, train_examples: list[Tokenized]) -> tuple[Batches, int]:
-    """The training stream (rows packed when ``--packing``) and the number of optimizer steps."""
+def plan_batches(cfg: TrainConfig, train_examples: list[Tokenized], processes: int = 1) -> tuple[Batches, int]:
+    """The training stream (rows packed when ``--packing``) and the number of optimizer steps. With
+    several processes a micro-batch holds ``batch_size x processes`` units, which the ranks share."""
     units = pack(train_examples, cfg.max_seq_len) if cfg.packing else [[ex] for ex in train_examples]
-    batches = Batches(units, cfg.batch_size, cfg.seed)
+    batches = Batches(units, cfg.batch_size * processes, cfg.seed)
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return batches, total_steps

@@ -18,29 +18,48 @@ from edgeft.core.fsutil import atomic_dir, atomic_file, clean_partials, ensure_f
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 SAVE_SLACK_BYTES = 16 << 20  # tokenizer, configs, optimizer bookkeeping
-# Config keys that must match for --resume to continue exactly.
-RESUME_KEYS = ("model", "data", "eval_data", "schema", "method", "max_seq_len", "packing", "batch_size", "grad_accum",
+# Config keys that must match for --resume to continue exactly (and batch_size x processes: the rows
+# of a micro-batch, which decide the data order; see resume_batch_problem).
+RESUME_KEYS = ("model", "data", "eval_data", "schema", "method", "max_seq_len", "packing", "grad_accum",
                "lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "optimizer", "seed", "lora_r",
-               "lora_alpha", "target_modules", "quant_type", "double_quant", "compute_dtype", "num_virtual_tokens")
+               "lora_alpha", "target_modules", "quant_type", "double_quant", "compute_dtype", "num_virtual_tokens",
+               "lr_gamma", "lr_step_size", "lr_milestones", "layer_lr_decay", "loraplus_lr_ratio")
 
 
-def prepare_output(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (``--resume``: it must exist and match ``cfg``), or None
-    after making ``out`` an empty directory to train into."""
+def prepare_output(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, processes: int = 1) -> Path | None:
+    """The checkpoint to resume from (``--resume``: it must exist and match ``cfg`` trained by
+    ``processes`` processes), or None after making ``out`` an empty directory to train into."""
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise EdgeftError(f"--resume: no complete checkpoint in {out / CKPT_DIR}")
-        saved = json.loads((ckpt / "state.json").read_text()).get("config", {})
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = state.get("config", {})
         changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
             raise ConfigError(f"--resume: options differ from the checkpointed run: {', '.join(changed)}")
+        problem = resume_batch_problem(saved.get("batch_size", cfg.batch_size), state.get("processes", 1),
+                                       cfg.batch_size, processes)
+        if problem:
+            raise ConfigError(problem)
         return ckpt
     prepare_output_dir(out, overwrite=overwrite)
     if overwrite:
         for p in out.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     return None
+
+
+def resume_batch_problem(saved_batch: int, saved_processes: int, batch: int, processes: int) -> str | None:
+    """Why a run of ``processes`` x ``batch`` cannot continue a checkpoint of ``saved_processes`` x
+    ``saved_batch`` (None if it can): the rows per micro-batch over all processes must stay the same,
+    so the data order and the step count continue exactly."""
+    rows = saved_batch * saved_processes
+    if batch * processes == rows:
+        return None
+    hint = f"; use --batch-size {rows // processes}" if rows % processes == 0 else ""
+    return (f"--resume: the checkpoint was written by {saved_processes} process(es) x --batch-size {saved_batch} "
+            f"({rows} rows per micro-batch), this run has {processes} x {batch}{hint}")
 
 
 def trainable_state(model: Any) -> dict[str, Any]:

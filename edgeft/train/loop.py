@@ -1,12 +1,17 @@
 """The training loop: optimizer steps over the batch stream with gradient accumulation, evaluation
 every ``--eval-every`` steps with early stopping, checkpoints, metric lines and progress; an
 out-of-memory error becomes a one-line hint that names the knobs which lower memory.
+
+With several processes (``distributed.py``) every rank runs this loop on its share of each
+micro-batch; losses are summed over ranks, so evaluation and early stopping agree, and only rank 0
+writes metric lines and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,7 @@ from edgeft.data import Tokenized
 from edgeft.train.batches import Batches, collate, loss_sum, n_targets, n_tokens
 from edgeft.train.checkpoint import (CKPT_DIR, METRICS_FILE, append_metrics, load_trainable, save_checkpoint,
                                      trainable_state)
+from edgeft.train.distributed import SINGLE, Replicas, World, all_sum, shard
 from edgeft.train.optim import apply_update
 
 
@@ -40,10 +46,20 @@ class Run:
     eval_units: list[list[Tokenized]]
     total_steps: int
     state: dict[str, Any]
+    world: World = SINGLE
+    replicas: Replicas | None = None  # the loss through DDP when several processes train
+
+    def __post_init__(self) -> None:
+        if self.replicas is None:
+            self.replicas = Replicas(self.model, self.selective, self.world, self.device)
 
     @property
     def metrics_path(self) -> Path:
         return self.out / METRICS_FILE
+
+    def metrics_log(self) -> Any:
+        """The metrics file opened for appending (rank 0), or a sink (other ranks)."""
+        return open(self.metrics_path if self.world.main else os.devnull, "a")
 
 
 @dataclass
@@ -54,6 +70,7 @@ class Outcome:
     eval_loss: float | None = None
     stopped_early: bool = False
     tokens_per_s: float = 0.0
+    train_s: float = 0.0  # seconds in the loop (this process: a resumed run counts from its resume)
     best_state: dict[str, Any] | None = None  # weights at the best eval loss, kept for early stopping
 
 
@@ -78,7 +95,7 @@ def run_training(run: Run) -> Outcome:
     outcome = Outcome(eval_loss=run.state.get("last_eval"))
     clock = _Throughput(run.state["tokens"])
     _train_steps(run, outcome, clock)
-    _, outcome.tokens_per_s = clock.read(run.state["tokens"])
+    outcome.train_s, outcome.tokens_per_s = clock.read(run.state["tokens"])
     if outcome.best_state is not None and outcome.stopped_early:
         load_trainable(run.model, outcome.best_state)
         outcome.eval_loss = run.state["best_eval"]
@@ -86,7 +103,7 @@ def run_training(run: Run) -> Outcome:
     cfg = run.cfg
     if run.eval_units and (not cfg.eval_every or run.state["step"] % cfg.eval_every != 0) and not outcome.stopped_early:
         outcome.eval_loss = _evaluate_run(run)
-        with open(run.metrics_path, "a") as mlog:
+        with run.metrics_log() as mlog:
             append_metrics(mlog, {"step": run.state["step"], "eval_loss": round(outcome.eval_loss, 6)})
     return outcome
 
@@ -95,7 +112,7 @@ def _train_steps(run: Run, outcome: Outcome, clock: _Throughput) -> None:
     cfg, state = run.cfg, run.state
     stream = run.batches.stream(state["micro"])
     start_step = state["step"]
-    with (step_progress("train", "loss", "lr", "tps") as bar, open(run.metrics_path, "a") as mlog,
+    with (step_progress("train", "loss", "lr", "tps") as bar, run.metrics_log() as mlog,
           _out_of_memory_as_hint(run.out)):
         task = bar.add_task("train", total=run.total_steps, completed=state["step"], loss="", lr="", tps="")
         while state["step"] < run.total_steps:
@@ -123,25 +140,32 @@ def _train_steps(run: Run, outcome: Outcome, clock: _Throughput) -> None:
                 outcome.stopped_early = True
                 say(f"early stop at step {state['step']}: eval loss did not improve for {state['bad_evals']} evaluations")
                 break
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < run.total_steps:
+            if (cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < run.total_steps
+                    and run.world.main):
                 save_checkpoint(run.out, state["step"], run.model, run.optimizer, run.scheduler,
-                                {**state, "config": to_dict(cfg)}, cfg.keep_checkpoints)
+                                {**state, "config": to_dict(cfg), "processes": run.world.size}, cfg.keep_checkpoints)
 
 
 def _optimizer_step(run: Run, micro: list[tuple[int, list[list[Tokenized]]]]) -> tuple[float, int]:
-    """One optimizer step over ``--grad-accum`` micro-batches: (loss per target token, tokens)."""
-    # Normalise by all target tokens of the optimizer step (not per micro-batch), so
-    # gradient accumulation gives the same update as one large batch.
+    """One optimizer step over ``--grad-accum`` micro-batches: (loss per target token, tokens), both
+    over all ranks."""
+    # Normalise by all target tokens of the optimizer step (not per micro-batch, not per rank: every
+    # rank knows the whole plan), so accumulation and processes give the same update as one large
+    # batch. DDP averages gradients over ranks, hence the factor world.size.
+    world, last = run.world, len(micro) - 1
     denom = max(1, sum(n_targets(unit) for _, mb in micro for unit in mb))
     loss_total = 0.0
     step_tokens = 0
-    for _, mb in micro:
-        batch = collate(mb, run.tok.pad_token_id, run.device, need_mask=not run.selective)
-        s, _ = loss_sum(run.model, batch, run.selective)
-        (s / denom).backward()
-        loss_total += float(s)
+    for i, (_, mb) in enumerate(micro):
+        mine, weight = shard(world, mb)
+        batch = collate(mine, run.tok.pad_token_id, run.device, need_mask=not run.selective)
+        with run.replicas.accumulating(last=i == last):
+            s = run.replicas.loss(batch)
+            (s * (weight * world.size) / denom).backward()
+        loss_total += weight * float(s)
         step_tokens += n_tokens(mb)
     apply_update(run.cfg, run.params, run.optimizer, run.scheduler)
+    loss_total, = all_sum(world, [loss_total])
     return loss_total / denom, step_tokens
 
 
@@ -183,11 +207,23 @@ def _out_of_memory_as_hint(out: Path) -> Iterator[None]:
 
 
 def _evaluate_run(run: Run) -> float:
-    return evaluate(run.model, run.eval_units, run.cfg, run.tok.pad_token_id, run.device, run.selective)
+    """Eval loss over all eval rows; each rank evaluates every ``size``-th and the sums are shared."""
+    world = run.world
+    units = run.eval_units[world.rank :: world.size]
+    total, count = all_sum(world, list(eval_sums(run.model, units, run.cfg, run.tok.pad_token_id, run.device,
+                                                 run.selective)))
+    return total / max(count, 1)
 
 
 def evaluate(model: Any, units: list[list[Tokenized]], cfg: TrainConfig, pad_id: int, device: str, selective: bool) -> float:
     """Mean cross-entropy per target token over ``units``, without gradients; the model is left in train mode."""
+    total, count = eval_sums(model, units, cfg, pad_id, device, selective)
+    return total / max(count, 1)
+
+
+def eval_sums(model: Any, units: list[list[Tokenized]], cfg: TrainConfig, pad_id: int, device: str,
+              selective: bool) -> tuple[float, int]:
+    """(summed cross-entropy, target tokens) over ``units``, without gradients; the model is left in train mode."""
     import torch
 
     model.eval()
@@ -199,4 +235,4 @@ def evaluate(model: Any, units: list[list[Tokenized]], cfg: TrainConfig, pad_id:
             total += float(s)
             count += n
     model.train()
-    return total / max(count, 1)
+    return total, count

@@ -100,7 +100,8 @@ def _load_base(cfg: TrainConfig, model_ref: str, device: str, dtype: Any) -> Any
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8,
         )
-        kwargs["device_map"] = {"": device if device == "cpu" else 0}
+        # On CUDA: this process's GPU (rank-local under torchrun; GPU 0 otherwise).
+        kwargs["device_map"] = {"": device if device == "cpu" else torch.cuda.current_device()}
         # Weights are quantized from their fp32 values and the layers bitsandbytes keeps in 16/32
         # bits stay fp32 (as prepare_model_for_kbit_training wants); only matmuls use ``dtype``.
         kwargs["dtype"] = torch.float32

@@ -11,6 +11,9 @@ gradient checkpointing and a paged 8-bit optimizer. Two choices make it fast too
 
 Checkpoints hold the trainable weights, optimizer, scheduler and RNG state and the position in
 the data stream, written atomically; ``--resume`` continues the same data order and schedule.
+
+Under torchrun or ``accelerate launch`` (or ``--num-processes N``) every process runs this recipe as
+one rank of a data-parallel run (``distributed.py``); rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from edgeft.core.fsutil import write_json
 from edgeft.core.progress import say
 from edgeft.train.batches import plan_batches
 from edgeft.train.checkpoint import load_checkpoint, prepare_output, read_metrics, reset_metrics, save_final
+from edgeft.train.distributed import (SINGLE, World, all_gather, main_first, peers_lost_as_error, reseed_per_rank,
+                                      start_world, stop_world)
 from edgeft.train.loop import Outcome, Run, new_state, run_training
 from edgeft.train.model import load_for_training, uses_selective_head
 from edgeft.train.optim import build_optimizer, build_scheduler
@@ -54,15 +59,20 @@ class TrainResult:
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run the whole recipe for ``cfg``; returns the final figures."""
     out = Path(cfg.output)
-    resume_from = prepare_output(out, cfg, resume=resume, overwrite=overwrite)
-    run, record = setup(cfg, out, resume_from)
-    outcome = run_training(run)
-    return save(run, record, outcome)
+    world = start_world(cfg)
+    with peers_lost_as_error(world, out):
+        resume_from = main_first(world, lambda: prepare_output(out, cfg, resume=resume, overwrite=overwrite,
+                                                               processes=world.size))
+        run, record = setup(cfg, out, resume_from, world)
+        outcome = run_training(run)
+        result = save(run, record, outcome)
+    stop_world(world)  # only after success: after a lost peer, leaving the group could wait on it
+    return result
 
 
-def setup(cfg: TrainConfig, out: Path, resume_from: Path | None) -> tuple[Run, dict[str, Any]]:
+def setup(cfg: TrainConfig, out: Path, resume_from: Path | None, world: World = SINGLE) -> tuple[Run, dict[str, Any]]:
     """Data, model, optimizer and schedule, restored from ``resume_from`` if given; the run record
-    is written with ``"status": "running"`` and returned."""
+    is written (rank 0) with ``"status": "running"`` and returned."""
     import torch
 
     if cfg.threads:
@@ -70,46 +80,60 @@ def setup(cfg: TrainConfig, out: Path, resume_from: Path | None) -> tuple[Run, d
     torch.manual_seed(cfg.seed)
     prep = prepare_inputs(cfg)
     say(prep.describe_data(cfg))
-    batches, total_steps = plan_batches(cfg, prep.train_examples)
+    batches, total_steps = plan_batches(cfg, prep.train_examples, world.size)
 
     model = load_for_training(cfg, prep.model_ref, prep.device, prep.dtype, prep.tok)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, params, [n for n, _ in named])
     scheduler = build_scheduler(cfg, optimizer, total_steps)
 
     state = new_state()
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
         say(f"resumed from {resume_from.name} (step {state['step']})")
+    reseed_per_rank(cfg, world, state["step"])
     run = Run(cfg, out, model, prep.tok, prep.device, uses_selective_head(cfg, model), params, optimizer, scheduler,
-              batches, [[ex] for ex in prep.eval_examples], total_steps, state)
-    reset_metrics(run.metrics_path, state["step"] if resume_from is not None else None)
+              batches, [[ex] for ex in prep.eval_examples], total_steps, state, world)
 
     record = start_record(cfg, prep, trainable=n_trainable, total=n_total, total_steps=total_steps)
-    write_json(out / RUN_RECORD, record)
-    say(f"{cfg.method} on {prep.device} ({dtype_name(prep.dtype)} compute): {n_trainable:,} trainable of "
+    record["processes"] = world.size
+    if world.main:
+        reset_metrics(run.metrics_path, state["step"] if resume_from is not None else None)
+        write_json(out / RUN_RECORD, record)
+    ranks = (f" x {world.size} processes (global batch {cfg.batch_size * cfg.grad_accum * world.size})"
+             if world.distributed else "")
+    say(f"{cfg.method} on {prep.device}{ranks} ({dtype_name(prep.dtype)} compute): {n_trainable:,} trainable of "
         f"{n_total:,} parameters, {total_steps} steps")
     return run, record
 
 
 def save(run: Run, record: dict[str, Any], outcome: Outcome) -> TrainResult:
-    """The adapter (or full model) and tokenizer, the training curves, and the completed run record."""
+    """The adapter (or full model) and tokenizer, the training curves, and the completed run record,
+    written by rank 0 (the other ranks wait, and fail with it)."""
     state = run.state
+    peaks = [round(mb, 1) for mb in all_gather(run.world, peak_memory_mb(run.device))]
+    record.update({
+        "status": "completed", "steps": state["step"], "stopped_early": outcome.stopped_early,
+        "final_metrics": {"train_loss": outcome.last_loss, "eval_loss": outcome.eval_loss,
+                          "best_eval_loss": state["best_eval"], "tokens": state["tokens"],
+                          "tokens_per_s": round(outcome.tokens_per_s, 1), "train_time_s": round(outcome.train_s, 2),
+                          "peak_memory_mb": max(peaks)},
+    })
+    if run.world.distributed:
+        record["final_metrics"]["peak_memory_mb_per_process"] = peaks
+    main_first(run.world, lambda: _write_outputs(run, record))
+    return TrainResult(run.out, state["step"], outcome.last_loss, outcome.eval_loss, outcome.tokens_per_s,
+                       outcome.stopped_early)
+
+
+def _write_outputs(run: Run, record: dict[str, Any]) -> None:
     save_final(run.model, run.tok, run.out, run.cfg)
     metrics = read_metrics(run.metrics_path)
     if metrics:
         from edgeft.plots import training_curves
 
         training_curves(metrics, run.out / CURVES_FILE)
-    record.update({
-        "status": "completed", "steps": state["step"], "stopped_early": outcome.stopped_early,
-        "final_metrics": {"train_loss": outcome.last_loss, "eval_loss": outcome.eval_loss,
-                          "best_eval_loss": state["best_eval"], "tokens": state["tokens"],
-                          "tokens_per_s": round(outcome.tokens_per_s, 1),
-                          "peak_memory_mb": round(peak_memory_mb(run.device), 1)},
-    })
     write_json(run.out / RUN_RECORD, record)
-    return TrainResult(run.out, state["step"], outcome.last_loss, outcome.eval_loss, outcome.tokens_per_s,
-                       outcome.stopped_early)

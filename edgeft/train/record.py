@@ -33,7 +33,8 @@ def start_record(cfg: TrainConfig, prep: Prepared, *, trainable: int, total: int
                  "eval_rows": len(prep.eval_examples), "truncated": stats.truncated,
                  "dropped_no_target": stats.dropped_no_target, "skipped_bad_rows": len(report.skipped),
                  "skipped_examples": report.skipped[:20]},
-        "parameters": {"trainable": trainable, "total": total}, "total_steps": total_steps,
+        "parameters": {"trainable": trainable, "total": total,
+                       "trainable_percent": round(100 * trainable / total, 4) if total else None}, "total_steps": total_steps,
         "status": "running",
     }
 

@@ -27,18 +27,21 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from edgeft.core.fsutil import atomic_file, ensure_free_space
 from edgeft.core.progress import say
 from edgeft.core.records import Record, write_record
+from export.calibration import Calibration, load_calibration
+from export.evalrows import load_eval_rows
+from export.gguf.imatrix import importance_matrix
 from export.gguf.modelfile import write_modelfile
 from export.gguf.plan import ExportPlan, plan_export
 from export.gguf.quantize import quantize_gguf
 from export.gguf.record import gguf_record
-from export.gguf.tables import PRECISIONS
+from export.gguf.tables import PRECISIONS, QuantOptions
 from export.gguf.tensor_types import choose_tensor_type, gguf_tensor_types
 from export.gguf.verify import verify_gguf
 from export.gguf.write import write_gguf
@@ -46,16 +49,24 @@ from export.gguf.write import write_gguf
 __all__ = ["export_gguf", "gguf_tensor_types"]
 
 
-def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite: bool = False) -> Record:
+def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite: bool = False,
+                calibration: Path | None = None, eval_data: Path | None = None,
+                quant_options: QuantOptions | None = None) -> Record:
     """Export a merged HF model directory to a GGUF file, verify it, and write its record.
 
-    Returns the record (also written to ``OUTPUT.verify.json``); a failed verification is a
-    record with status "failed", not an exception. User errors (unsupported architecture,
-    missing tokenizer, unreadable weights, existing output) raise ``EdgeftError`` before any
-    file is written.
+    ``calibration``: rows (normally the training data) for llama.cpp's importance matrix, used for
+    the types whose table row says so. ``eval_data``: the user's evaluation rows; verification
+    then also compares on them and decides on them. Returns the record (also written to
+    ``OUTPUT.verify.json``); a failed verification is a record with status "failed", not an
+    exception. User errors (unsupported architecture, missing tokenizer, unreadable weights,
+    existing output, unusable calibration rows) raise ``EdgeftError`` before any file is written.
     """
     t_start = time.perf_counter()
     plan = plan_export(Path(model_dir), Path(output), qtype, overwrite)
+    opts = quant_options or QuantOptions()
+    calib = (load_calibration(calibration, plan.vocab.hf_tokenizer)
+             if calibration is not None and not plan.spec.direct and opts.use_imatrix(plan.spec) else None)
+    evals = load_eval_rows(eval_data, plan.vocab.hf_tokenizer) if eval_data is not None else None
     out = plan.output
     ensure_free_space(out, _space_needed(plan), "the GGUF export")
 
@@ -63,34 +74,43 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
     # The file is verified and recorded under its temporary name, then renamed: whatever sits
     # under the final name has its record beside it, bound to its bytes.
     with atomic_file(out) as tmp:
-        _write(plan, tmp, timings)
+        quant = _write(plan, tmp, timings, calib, opts)
         with _timed(timings, "verify_s"):
             say(f"verifying {out.name} against the PyTorch model")
-            checks, verify_metrics = verify_gguf(tmp, plan.model_dir, plan.spec, plan.vocab.hf_tokenizer)
+            checks, verify_metrics = verify_gguf(tmp, plan.model_dir, plan.spec, plan.vocab.hf_tokenizer, evals)
         modelfile = write_modelfile(out, plan.vocab)
         timings["total_s"] = time.perf_counter() - t_start
-        record = gguf_record(plan, tmp, checks, verify_metrics, modelfile, timings)
+        record = gguf_record(plan, tmp, checks, {**verify_metrics, "quantization": quant}, modelfile, timings)
         write_record(out, record, data=tmp)
     return record
 
 
-def _write(plan: ExportPlan, dst: Path, timings: dict[str, float]) -> None:
+def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibration | None,
+           opts: QuantOptions) -> dict[str, Any]:
     """The GGUF of ``plan.qtype`` into ``dst``: written directly (f32/f16/bf16), or a lossless
-    intermediate in the source precision, then llama.cpp's quantizer."""
+    intermediate in the source precision, then llama.cpp's quantizer; returns how it was quantized."""
     if plan.spec.direct:
         with _timed(timings, "write_s"):
             write_gguf(plan, dst, plan.qtype)
-        return
+        return {"quantizer": None}
     # A ".NAME.PID*.partial" name: the next export to this name removes it if this process dies first.
     inter = plan.output.with_name(f".{plan.output.name}.{os.getpid()}.intermediate.partial")
+    matrix = None
     try:
         with _timed(timings, "write_s"):
             write_gguf(plan, inter, plan.source_dtype)
+        if calib is not None:
+            with _timed(timings, "imatrix_s"):
+                say(f"importance matrix from {calib.rows} calibration rows ({calib.tokens} tokens)")
+                matrix = importance_matrix(plan, calib)
         with _timed(timings, "quantize_s"):
             say(f"quantizing to {plan.qtype} with llama.cpp")
-            quantize_gguf(inter, dst, plan.spec)
+            quantize_gguf(inter, dst, plan.spec, keep=opts.keep, imatrix=matrix, calibration=calib)
     finally:
         inter.unlink(missing_ok=True)
+    return {"quantizer": "llama.cpp llama_model_quantize",
+            "kept_above_type": [p for p, _ in plan.spec.keep] if opts.keep else [],
+            "imatrix": ({**calib.describe(), "entries": len(matrix)} if calib is not None and matrix else None)}
 
 
 @contextlib.contextmanager

@@ -120,6 +120,9 @@ class QuantSpec:
     min_top1: float  # teacher-forced top-1 agreement with the merged PyTorch model
     max_mean_kl: float  # mean KL(PyTorch || GGUF) in nats
     bits_per_weight: float  # for the disk-space estimate only (upper end)
+    # quantized with an importance matrix when calibration rows are given (llama.cpp's q8_0 ignores one;
+    # for the others benchmarks/quant_fidelity.py measures with and without, table there)
+    imatrix: bool = False
 
 
 # Per-tensor precision, measured on SmolLM2-135M-Instruct (30 layers, n_embd 576, GQA 9/3
@@ -173,12 +176,24 @@ QUANT_TYPES: dict[str, QuantSpec] = {
     "q8_0": QuantSpec(LFT.MOSTLY_Q8_0, direct=False, embed_type=None, keep=(_KEEP_V,),
                       min_top1=0.93, max_mean_kl=0.02, bits_per_weight=16),
     "q6_k": QuantSpec(LFT.MOSTLY_Q6_K, direct=False, embed_type=None, keep=(_KEEP_V,),
-                      min_top1=0.85, max_mean_kl=0.06, bits_per_weight=16),
+                      min_top1=0.85, max_mean_kl=0.06, bits_per_weight=16, imatrix=True),
     "q5_k_m": QuantSpec(LFT.MOSTLY_Q5_K_M, direct=False, embed_type=None, keep=(_KEEP_V, _KEEP_DOWN),
-                        min_top1=0.70, max_mean_kl=0.30, bits_per_weight=16),
+                        min_top1=0.70, max_mean_kl=0.30, bits_per_weight=16, imatrix=True),
     "q4_k_m": QuantSpec(LFT.MOSTLY_Q4_K_M, direct=False, embed_type=None, keep=(_KEEP_V, _KEEP_DOWN),
-                        min_top1=0.70, max_mean_kl=0.30, bits_per_weight=16),
+                        min_top1=0.70, max_mean_kl=0.30, bits_per_weight=16, imatrix=True),
 }
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How one quantization is made beyond its type: what ``--type auto`` searches over, and what
+    the benchmark compares with llama.cpp's plain quantization."""
+
+    keep: bool = True  # the type's higher-precision tensors (QuantSpec.keep); False: llama.cpp's plain mix
+    imatrix: bool | None = None  # None: the type's table choice (QuantSpec.imatrix) when calibration rows exist
+
+    def use_imatrix(self, spec: QuantSpec) -> bool:
+        return spec.imatrix if self.imatrix is None else self.imatrix
 
 
 # --------------------------------------------------------------------------------------------

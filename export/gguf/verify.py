@@ -1,8 +1,11 @@
 """Verify a GGUF through llama.cpp against the Hugging Face tokenizer and the merged PyTorch model.
 
-Four checks: llama.cpp loads the file; it tokenises the samples exactly as the HF tokenizer
-does; teacher-forced top-1 agreement and mean KL meet the type's bars (``QuantSpec``); and a
-greedy chat continuation, whose common prefix with PyTorch's is reported without a bar.
+Checks: llama.cpp loads the file; it tokenises the samples exactly as the HF tokenizer does;
+teacher-forced top-1 agreement and mean KL meet the type's bars (``QuantSpec``); and a greedy chat
+continuation, whose common prefix with PyTorch's is reported without a bar. With the user's
+evaluation rows (``export.evalrows``) the agreement bars are decided on those rows, the generic
+sample texts are recorded beside them, and the task accuracy may not fall by more than 1 point
+where the rows prove it (the paired 95% interval).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import numpy as np
 
 from edgeft.core.errors import EdgeftError, one_line
 from edgeft.core.records import Check
+from export.evalrows import ANSWER_TOKENS, MAX_DROP, compare_on_rows, reference_answers
 from export.gguf import tables as T
 from export.gguf.llamacpp import captured_stderr, llama_threads
 
 
-def verify_gguf(path: Path, model_dir: Path, spec: T.QuantSpec,
-                hf_tok: Any = None) -> tuple[list[Check], dict[str, Any]]:
+def verify_gguf(path: Path, model_dir: Path, spec: T.QuantSpec, hf_tok: Any = None,
+                evals: Any = None) -> tuple[list[Check], dict[str, Any]]:
     """Compare the GGUF (through llama.cpp) with the HF tokenizer and the merged PyTorch model."""
     from runtime.backends import import_llama_cpp
     from runtime.modelfiles import load_tokenizer
@@ -29,7 +33,8 @@ def verify_gguf(path: Path, model_dir: Path, spec: T.QuantSpec,
     ref_model = _load_reference(model_dir)
     prompt_ids = _chat_prompt_ids(hf_tok)
     logit_ids = [hf_tok(t)["input_ids"] for t in T.LOGIT_SAMPLES] + [_chat_turn_ids(hf_tok)]
-    n_ctx = max(256, max(len(x) for x in logit_ids), len(prompt_ids) + T.GREEDY_NEW_TOKENS)
+    longest_row = max((len(r.ids) + ANSWER_TOKENS for r in evals.rows), default=0) if evals is not None else 0
+    n_ctx = max(256, max(len(x) for x in logit_ids), len(prompt_ids) + T.GREEDY_NEW_TOKENS, longest_row)
     n_ctx = (n_ctx + 63) // 64 * 64
 
     try:
@@ -45,8 +50,12 @@ def verify_gguf(path: Path, model_dir: Path, spec: T.QuantSpec,
         tok = metrics["tokenization"] = _compare_tokenization(llm, hf_tok)
         checks.append(Check("tokenizer_mismatches", tok["mismatches"], 0, "<="))
         logits = metrics["logits"] = _compare_teacher_forced(llm, ref_model, logit_ids)
+        if evals is not None:  # the user's rows decide; the generic texts are recorded in "logits"
+            logits = metrics["eval_rows"] = _compare_on_eval_rows(llm, ref_model, hf_tok, evals, model_dir)
         checks.append(Check("top1_agreement", round(logits["top1_agreement"], 4), spec.min_top1, ">="))
         checks.append(Check("mean_kl", round(logits["mean_kl"], 5), spec.max_mean_kl, "<="))
+        if evals is not None:
+            checks.append(Check("task_accuracy_supported_drop", round(logits["supported_drop"], 4), MAX_DROP, "<="))
         greedy = metrics["greedy"] = _compare_greedy(llm, ref_model, hf_tok, prompt_ids)
         checks.append(Check("greedy_match_tokens", greedy["matching_prefix"]))  # reported, no bar
     except Exception as e:  # a llama.cpp decode error is a verdict on the file, not a crash
@@ -55,6 +64,26 @@ def verify_gguf(path: Path, model_dir: Path, spec: T.QuantSpec,
     finally:
         llm.close()
     return checks, metrics
+
+
+def _compare_on_eval_rows(llm: Any, ref_model: Any, hf_tok: Any, evals: Any, model_dir: Path) -> dict[str, Any]:
+    """The merged model and llama.cpp on the user's rows (``export.evalrows``)."""
+    def logits_of(ids: list[int]) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+    def next_token(ids: list[int]) -> int:
+        done = llm.n_tokens
+        if 0 < done < len(ids) and list(llm.input_ids[:done]) == ids[:done]:
+            llm.eval(ids[done:])  # continue the cached sequence
+        else:
+            llm.reset()
+            llm.eval(ids)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    ref = reference_answers(ref_model, hf_tok, evals, model_dir=model_dir)
+    return compare_on_rows(ref, hf_tok, logits_of, next_token)
 
 
 def _load_reference(model_dir: Path) -> Any:

@@ -42,13 +42,16 @@ Driving ``model.onnx`` with plain ``onnxruntime.InferenceSession`` (no optimum, 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edgeft.core.fsutil import atomic_dir, ensure_free_space
 from edgeft.core.records import Record
+from export.evalrows import load_eval_rows, reference_answers
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
 from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
 from export.onnx.quantize import Int4Settings, Int8Settings, make_variant
@@ -61,32 +64,40 @@ from runtime.modelfiles import load_tokenizer
 
 __all__ = [
     "BARS", "Bars", "Int4Settings", "Int8Settings", "OrtLM", "Source", "VARIANTS",
-    "embedding_to_fp16", "export_onnx", "inspect_model_dir", "split_float_zero_points", "untie_lm_head",
+    "embedding_to_fp16", "export_onnx", "inspect_model_dir", "load_reference", "plan_export", "split_float_zero_points",
+    "untie_lm_head", "write_variant", "written_variant",
 ]
 
 _FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed before the rename
 
 
-def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False) -> Record:
+def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
+                eval_data: Path | None = None) -> Record:
     """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
 
-    ``quantize``: None (fp32), "int8", "int4" or "fp16". The record is also written to
+    ``quantize``: None (fp32), "int8", "int4" or "fp16". ``eval_data``: the user's evaluation rows;
+    the agreement bars are then decided on them (``export.evalrows``). The record is also written to
     ``output/edgeft-verify.json``; a failed verification is returned (status "failed"), not raised.
     """
     variant = parse_variant(quantize)
     model_dir, output = Path(model_dir), Path(output)
-    tokenizer = _plan(model_dir, output, variant, overwrite)
+    tokenizer = plan_export(model_dir, output, variant, overwrite)
+    evals = load_eval_rows(eval_data, tokenizer) if eval_data is not None else None
     bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
 
     progress = Progress()
     with quiet():
-        model, refs = _reference(model_dir, tokenizer, progress)
+        model, refs = load_reference(model_dir, tokenizer, progress)
+        eval_ref = None
+        if evals is not None:
+            with progress.stage("reference_rows", f"PyTorch reference on {len(evals.rows)} evaluation rows"):
+                eval_ref = reference_answers(model, tokenizer, evals, model_dir=model_dir)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = _write_variant(model, model_dir, tmp, variant, progress)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress)
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
-                checks, figures = verify_variant(tmp, refs, bars, tokenizer=tokenizer)
+                checks, figures = verify_variant(tmp, refs, bars, tokenizer=tokenizer, eval_ref=eval_ref)
             record = write_onnx_record(tmp, artifact=output, reference=model_dir, variant=variant, bars=bars,
                                        checks=checks, figures=figures, fp32_bytes=fp32_bytes,
                                        quantizer=quantizer, timings=progress.finish())
@@ -94,7 +105,7 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
     return record
 
 
-def _plan(model_dir: Path, output: Path, variant: str, overwrite: bool) -> Any:
+def plan_export(model_dir: Path, output: Path, variant: str, overwrite: bool) -> Any:
     """Every check that needs no weights (output path, model directory, free space); returns the tokenizer."""
     check_output(output, overwrite)
     source = inspect_model_dir(model_dir)
@@ -103,7 +114,7 @@ def _plan(model_dir: Path, output: Path, variant: str, overwrite: bool) -> Any:
     return tokenizer
 
 
-def _reference(model_dir: Path, tokenizer: Any, progress: Progress) -> tuple[Any, list[Reference]]:
+def load_reference(model_dir: Path, tokenizer: Any, progress: Progress) -> tuple[Any, list[Reference]]:
     """The fp32 PyTorch model and its reference on the sample prompts."""
     with progress.stage("load", f"loading {model_dir.name} (PyTorch, fp32)"):
         model = load_torch(model_dir)
@@ -112,7 +123,7 @@ def _reference(model_dir: Path, tokenizer: Any, progress: Progress) -> tuple[Any
     return model, refs
 
 
-def _write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
+def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
                    progress: Progress) -> tuple[int, dict[str, Any]]:
     """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings)."""
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
@@ -125,3 +136,27 @@ def _write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
         settings = make_variant(fp32_dir, tmp, variant)
     shutil.rmtree(fp32_dir)  # only the variant ships
     return fp32_bytes, settings
+
+
+@dataclass
+class WrittenVariant:
+    """A variant written into the temporary output directory, with the reference it is verified against."""
+
+    tmp: Path
+    refs: list[Reference]
+    fp32_bytes: int
+    quantizer: dict[str, Any]
+
+
+@contextlib.contextmanager
+def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
+                    overwrite: bool) -> Iterator[WrittenVariant]:
+    """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
+    the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export."""
+    with quiet():
+        model, refs = load_reference(model_dir, tokenizer, progress)
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress)
+            del model
+            gc.collect()
+            yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

@@ -54,4 +54,6 @@ class Progress:
     def done(self, record: Record) -> None:
         mib = record.metrics.get("size_bytes", 0) / 2**20
         colour = "green" if record.status == "passed" else "red"
-        self.console.print(f"[{colour}]{record.status}[/] {record.metrics.get('variant')} ONNX, {mib:.1f} MiB", highlight=False)
+        label = {"onnx-genai": "ONNX Runtime GenAI", "ort": "ORT-format", "executorch": "ExecuTorch"}.get(record.kind, "ONNX")
+        self.console.print(f"[{colour}]{record.status}[/] {record.metrics.get('variant')} {label}, {mib:.1f} MiB",
+                           highlight=False)

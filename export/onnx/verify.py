@@ -15,6 +15,7 @@ import numpy as np
 from edgeft.core.compare import compare_logits
 from edgeft.core.errors import EdgeftError, one_line
 from edgeft.core.records import Check
+from export.evalrows import MAX_DROP, compare_on_rows
 from export.onnx.reference import SAMPLE_TEXTS, Reference
 from export.onnx.write import ONNX_NAME
 from runtime.modelfiles import load_tokenizer
@@ -117,13 +118,17 @@ def _kv_order(name: str) -> tuple[int, str]:
 
 
 def verify_variant(onnx_dir: Path, refs: Sequence[Reference], bars: Bars, *,
-           tokenizer: Any) -> tuple[list[Check], dict[str, Any]]:
-    """Compare the ONNX model in ``onnx_dir`` with the PyTorch reference; (checks, figures)."""
-    figures = measure(onnx_dir, refs, tokenizer)
+                   tokenizer: Any, eval_ref: Any = None) -> tuple[list[Check], dict[str, Any]]:
+    """Compare the ONNX model in ``onnx_dir`` with the PyTorch reference; (checks, figures).
+
+    ``eval_ref`` (``export.evalrows.ReferenceAnswers``): the user's rows, which then decide the
+    agreement bars; the sample texts' figures stay in the record beside them.
+    """
+    figures = measure(onnx_dir, refs, tokenizer, eval_ref)
     return judge(figures, bars), figures
 
 
-def measure(onnx_dir: Path, refs: Sequence[Reference], tokenizer: Any) -> dict[str, Any]:
+def measure(onnx_dir: Path, refs: Sequence[Reference], tokenizer: Any, eval_ref: Any = None) -> dict[str, Any]:
     """Run the ONNX model on the reference samples: whole sequences, cached decode steps, optimum generate."""
     figures: dict[str, Any] = {"samples": [{"name": r.name, "prompt_tokens": len(r.prompt)} for r in refs],
                                "greedy_tokens": len(refs[0].continuation) if refs else 0}
@@ -135,6 +140,20 @@ def measure(onnx_dir: Path, refs: Sequence[Reference], tokenizer: Any) -> dict[s
         figures["error"] = f"onnxruntime (CPU) cannot load the model: {one_line(e)}"
         return figures
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    figures.update(graph_figures(lm, refs, pad))
+    if eval_ref is not None:
+        figures["eval_rows"] = compare_on_rows(eval_ref, tokenizer, lambda ids: lm.logits([ids], pad)[0],
+                                               lambda ids: int(lm.logits([ids], pad)[0][-1].argmax()))
+    del lm
+    gc.collect()
+    figures["optimum"] = _optimum_generate(onnx_dir, refs)
+    figures["tokenizer_roundtrip"] = tokenizer_matches(onnx_dir, tokenizer)
+    return figures
+
+
+def graph_figures(lm: Any, refs: Sequence[Reference], pad: int) -> dict[str, Any]:
+    """A loaded graph against the reference: whole sequences and cached decode steps."""
+    figures: dict[str, Any] = {}
     # Whole sequences (prompt + PyTorch's continuation), one left-padded batch, no cache.
     onnx_all = np.concatenate(lm.logits([r.prompt + r.continuation for r in refs], pad))
     figures["logits"] = compare_logits(np.concatenate([r.logits for r in refs]), onnx_all)
@@ -145,10 +164,6 @@ def measure(onnx_dir: Path, refs: Sequence[Reference], tokenizer: Any) -> dict[s
     greedy = [s.argmax(-1).tolist() == r.continuation for s, r in zip(steps, refs)]
     figures["kv_cache"]["greedy_match"] = all(greedy)
     figures["kv_cache"]["greedy_match_samples"] = f"{sum(greedy)}/{len(greedy)}"
-    del lm
-    gc.collect()
-    figures["optimum"] = _optimum_generate(onnx_dir, refs)
-    figures["tokenizer_roundtrip"] = _tokenizer_matches(onnx_dir, tokenizer)
     return figures
 
 
@@ -156,18 +171,8 @@ def judge(figures: dict[str, Any], bars: Bars) -> list[Check]:
     """The checks a variant's figures must pass (pure)."""
     if "logits" not in figures:
         return [Check("onnxruntime_loads", False, True, "==")]
-    full, kv, opt = figures["logits"], figures["kv_cache"], figures["optimum"]
-    checks = [
-        Check("logits_finite", figures["logits_finite"], True, "=="),
-        Check("top1_agreement", full["top1_agreement"], bars.top1, ">="),
-        Check("mean_kl", full["mean_kl"], bars.mean_kl, "<="),
-        Check("kv_top1_agreement", kv["top1_agreement"], bars.top1, ">="),
-    ]
-    if bars.atol is not None:
-        checks += [Check("max_abs_diff", full["max_abs_diff"], bars.atol, "<="),
-                   Check("kv_max_abs_diff", kv["max_abs_diff"], bars.atol, "<=")]
-    if bars.greedy_exact:
-        checks.append(Check("kv_greedy_match", kv["greedy_match"], True, "=="))
+    opt = figures["optimum"]
+    checks = graph_checks(figures, bars)
     if opt.get("skipped"):  # a known gap of optimum's runtime class; the graph is checked above
         pass
     elif bars.greedy_exact:
@@ -178,18 +183,55 @@ def judge(figures: dict[str, Any], bars: Bars) -> list[Check]:
     return checks
 
 
-# model_type -> why optimum's ORTModelForCausalLM cannot run such a graph with its cache although
-# onnxruntime can (the graph itself passed the whole-sequence and cached-step checks above).
-# optimum-onnx 0.1.0, onnxruntime/modeling_decoder.py: the empty first cache is sized with
-# num_attention_heads for every model_type outside its grouped-query list, which lacks phi3.
-OPTIMUM_GQA_GAPS = {"phi3": "optimum-onnx 0.1.0 sizes phi3's first cache with num_attention_heads, not "
-                            "num_key_value_heads (grouped-query Phi-3/Phi-4-mini); plain onnxruntime runs it"}
+KV_BROKEN_BELOW = 0.5  # cached-step top-1 of a graph whose cache inputs are wired wrongly is near chance
+
+
+def graph_checks(figures: dict[str, Any], bars: Bars) -> list[Check]:
+    """The checks on ``graph_figures``' whole-sequence and cached-step figures (pure)."""
+    full, kv = figures["logits"], figures["kv_cache"]
+    rows = figures.get("eval_rows")
+    decide = rows or full  # the user's rows decide when they are known; the sample texts otherwise
+    checks = [
+        Check("logits_finite", figures["logits_finite"], True, "=="),
+        Check("top1_agreement", decide["top1_agreement"], bars.top1, ">="),
+        Check("mean_kl", decide["mean_kl"], bars.mean_kl, "<="),
+        # with the user's rows deciding, the cached-step check only has to catch a broken cache
+        Check("kv_top1_agreement", kv["top1_agreement"], bars.top1 if rows is None else KV_BROKEN_BELOW, ">="),
+    ]
+    if rows is not None:
+        checks.append(Check("task_accuracy_supported_drop", round(rows["supported_drop"], 4), MAX_DROP, "<="))
+    if bars.atol is not None:
+        checks += [Check("max_abs_diff", full["max_abs_diff"], bars.atol, "<="),
+                   Check("kv_max_abs_diff", kv["max_abs_diff"], bars.atol, "<=")]
+    if bars.greedy_exact:
+        checks.append(Check("kv_greedy_match", kv["greedy_match"], True, "=="))
+    return checks
+
+
+# Why optimum's ORTModelForCausalLM cannot run a graph with its cache although onnxruntime can (the
+# graph itself passed the whole-sequence and cached-step checks above). optimum-onnx 0.1.0,
+# onnxruntime/modeling_decoder.py sizes the empty first cache from the config, and
+# - uses num_attention_heads, not num_key_value_heads, outside its grouped-query list (phi3 is not on it);
+# - uses hidden_size / num_attention_heads as the head size outside its head_dim list (qwen3 is not on
+#   it: Qwen3-0.6B has head_dim 128 but 1024 / 16 = 64).
+OPTIMUM_GQA_TYPES = {"arcee", "deepseek_v3", "cohere", "gemma", "gemma3_text", "glm", "granite", "gpt_oss", "helium",
+                     "mistral", "llama", "nemotron", "qwen2", "qwen3", "qwen3_moe", "smollm3", "stablelm"}
+OPTIMUM_HEAD_DIM_TYPES = {"gemma", "gemma3_text", "gpt_oss", "nemotron"}
 
 
 def optimum_runtime_gap(config: dict[str, Any]) -> str | None:
-    """Why optimum's generate cannot run this export (a known gap), or None."""
-    gqa = config.get("num_key_value_heads") not in (None, config.get("num_attention_heads"))
-    return OPTIMUM_GQA_GAPS.get(config.get("model_type", "")) if gqa else None
+    """Why optimum 0.1.0's generate cannot run this export (a known gap), or None."""
+    model_type = config.get("model_type", "")
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if kv not in (None, heads) and model_type not in OPTIMUM_GQA_TYPES:
+        return (f"optimum-onnx 0.1.0 sizes a {model_type} model's first cache with num_attention_heads ({heads}), not "
+                f"num_key_value_heads ({kv}); onnxruntime and edgeft's runtime run it")
+    head_dim = config.get("head_dim")
+    derived = config.get("hidden_size", 0) // heads if heads else None
+    if head_dim and derived and head_dim != derived and model_type not in OPTIMUM_HEAD_DIM_TYPES:
+        return (f"optimum-onnx 0.1.0 sizes a {model_type} model's cache with hidden_size / heads ({derived}), "
+                f"not head_dim ({head_dim}); onnxruntime and edgeft's runtime run it")
+    return None
 
 
 def _optimum_generate(onnx_dir: Path, refs: Sequence[Reference]) -> dict[str, Any]:
@@ -233,7 +275,7 @@ def _stop_ids(model: Any) -> set[int]:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-def _tokenizer_matches(onnx_dir: Path, tokenizer: Any) -> bool:
+def tokenizer_matches(onnx_dir: Path, tokenizer: Any) -> bool:
     """The tokenizer saved beside the graph encodes the sample texts like the source one."""
     try:
         saved = load_tokenizer(str(onnx_dir))

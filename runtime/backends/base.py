@@ -5,10 +5,12 @@ A back-end takes token ids and returns float32 next-token logits as numpy arrays
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
 
+from edgeft.core.errors import EdgeftError
 from runtime.weights import WeightBytes
 
 
@@ -32,6 +34,20 @@ class Backend:
 
     def weight_bytes(self) -> WeightBytes:
         raise NotImplementedError
+
+    def clone(self) -> "Backend":
+        """A second decoding state (its own KV cache) on the same loaded weights, for a concurrent request.
+
+        The weights are shared, not copied; the clone must be closed before the original.
+        """
+        twin = copy.copy(self)
+        twin.reset()
+        return twin
+
+    def use_adapter(self, name: str | None) -> None:
+        """Decode with the named task adapter from now on (None: the plain model)."""
+        if name is not None:
+            raise EdgeftError(f"{self.kind} artifacts take no task adapters (adapter {name!r})")
 
     def close(self) -> None:
         """Release native resources (llama.cpp contexts); a no-op elsewhere."""

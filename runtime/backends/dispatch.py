@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeft.core.errors import EdgeftError
-from runtime.artifacts import GGUF, MERGED, ONNX, UNMERGED
+from runtime.artifacts import EXECUTORCH, GENAI, GGUF, MERGED, ONNX, ORT, UNMERGED
 from runtime.backends.base import Backend
+from runtime.backends.executorch_backend import ExecutorchBackend, import_executorch_runtime
+from runtime.backends.genai_backend import GenaiBackend, import_genai
 from runtime.backends.llama_backend import GgufBackend, import_llama_cpp
-from runtime.backends.onnx_backend import OnnxBackend
+from runtime.backends.onnx_backend import OnnxBackend, OrtFormatBackend
 from runtime.backends.torch_backend import TorchBackend
 
 
@@ -21,10 +23,14 @@ def import_engine(kind: str) -> None:
 
         if kind == UNMERGED:
             import peft  # noqa: F401
-    elif kind == ONNX:
+    elif kind in (ONNX, ORT):
         import onnxruntime  # noqa: F401
     elif kind == GGUF:
         import_llama_cpp()
+    elif kind == GENAI:
+        import_genai()
+    elif kind == EXECUTORCH:
+        import_executorch_runtime()
 
 
 def open_backend(kind: str, path: str | Path, *, threads: int, max_tokens: int) -> Backend:
@@ -34,6 +40,12 @@ def open_backend(kind: str, path: str | Path, *, threads: int, max_tokens: int) 
         return TorchBackend(path, kind=kind, threads=threads)
     if kind == ONNX:
         return OnnxBackend(path, threads=threads)
+    if kind == ORT:
+        return OrtFormatBackend(path, threads=threads)
     if kind == GGUF:
         return GgufBackend(path, threads=threads, n_ctx=max_tokens)
+    if kind == GENAI:
+        return GenaiBackend(path, threads=threads, max_tokens=max_tokens)
+    if kind == EXECUTORCH:
+        return ExecutorchBackend(path, threads=threads)
     raise EdgeftError(f"{path}: unknown artifact kind {kind!r}")

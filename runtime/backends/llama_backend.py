@@ -5,6 +5,7 @@ plus the one place that imports llama_cpp (``import_llama_cpp``) and llama.cpp's
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -41,22 +42,29 @@ class GgufBackend(Backend):
 
     kind = GGUF
 
-    def __init__(self, path: Path, *, threads: int, n_ctx: int) -> None:
+    def __init__(self, path: Path, *, threads: int, n_ctx: int, shared: "GgufBackend | None" = None) -> None:
+        """Load ``path`` (or, with ``shared``, reuse its loaded model and task adapters) and open a context."""
         self.lib = lib = import_llama_cpp()
         self.path = path
         self.n_ctx = max(64, int(n_ctx))
+        self.threads = max(1, threads)
         self.model = self.ctx = self.batch = None
-        lib.llama_backend_init()
-        mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self.model:
-            raise EdgeftError(f"{path}: llama.cpp cannot load this GGUF file")
+        self.owns_model = shared is None
+        if shared is not None:
+            self.model, self.adapters = shared.model, shared.adapters
+        else:
+            lib.llama_backend_init()
+            mparams = lib.llama_model_default_params()
+            mparams.n_gpu_layers = 0
+            self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+            if not self.model:
+                raise EdgeftError(f"{path}: llama.cpp cannot load this GGUF file")
+            self.adapters: dict[str, Any] = {}  # name -> llama_adapter_lora, shared by every clone
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = self.n_ctx  # a whole sequence in one llama_decode call
         cparams.n_ubatch = min(self.n_ctx, 512)
-        cparams.n_threads = cparams.n_threads_batch = max(1, threads)
+        cparams.n_threads = cparams.n_threads_batch = self.threads
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
@@ -64,6 +72,28 @@ class GgufBackend(Backend):
         self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model)))
         self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
         self.n_past = 0
+
+    def clone(self) -> "GgufBackend":
+        """A second context on the same model (weights and task adapters loaded once)."""
+        return GgufBackend(self.path, threads=self.threads, n_ctx=self.n_ctx, shared=self)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load a LoRA adapter in llama.cpp's GGUF adapter format onto the model, under ``name``."""
+        handle = self.lib.llama_adapter_lora_init(self.model, str(path).encode())
+        if not handle:
+            raise EdgeftError(f"{path}: llama.cpp cannot load this LoRA adapter onto {self.path.name}")
+        self.adapters[name] = handle
+
+    def use_adapter(self, name: str | None) -> None:
+        """Apply the named adapter (scale 1) to this context, or none; the base weights stay loaded."""
+        lib = self.lib
+        if name is None:
+            rc = lib.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
+            rc = lib.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise EdgeftError(f"{self.path}: llama.cpp cannot apply adapter {name!r} (return code {rc})")
 
     def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         n = len(ids)
@@ -115,9 +145,9 @@ class GgufBackend(Backend):
         if self.ctx:
             lib.llama_free(self.ctx)
             self.ctx = None
-        if self.model:
-            lib.llama_model_free(self.model)
-            self.model = None
+        if self.model and self.owns_model:
+            lib.llama_model_free(self.model)  # frees its adapters too
+        self.model = None
 
 
 def gguf_tokenize(path: str | Path, texts: Sequence[str]) -> list[list[int]]:
@@ -126,6 +156,29 @@ def gguf_tokenize(path: str | Path, texts: Sequence[str]) -> list[list[int]]:
     Special tokens written in the text are parsed; no BOS/EOS is added. Loads the vocabulary
     only (``vocab_only``), not the weights.
     """
+    with _vocab_only(path) as (lib, model):
+        vocab = lib.llama_model_get_vocab(model)
+        return [vocab_tokenize(lib, vocab, text) for text in texts]
+
+
+def gguf_trained_context(path: str | Path) -> int:
+    """The context length the GGUF's model was trained for (its ``*.context_length``), from a vocabulary-only load."""
+    with _vocab_only(path) as (lib, model):
+        arch = _meta(lib, model, "general.architecture")
+        value = _meta(lib, model, f"{arch}.context_length")
+        return int(value) if value.isdigit() else 0
+
+
+def _meta(lib: Any, model: Any, key: str) -> str:
+    """A metadata value of a loaded GGUF as text ("" when absent)."""
+    buf = ctypes.create_string_buffer(256)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+
+@contextlib.contextmanager
+def _vocab_only(path: str | Path) -> Iterator[tuple[Any, Any]]:
+    """(llama_cpp, a model loaded without its weights) for the block's duration."""
     lib = import_llama_cpp()
     lib.llama_backend_init()
     params = lib.llama_model_default_params()
@@ -135,22 +188,22 @@ def gguf_tokenize(path: str | Path, texts: Sequence[str]) -> list[list[int]]:
     if not model:
         raise EdgeftError(f"{path}: llama.cpp cannot read the vocabulary of this GGUF file")
     try:
-        vocab = lib.llama_model_get_vocab(model)
-        return [_tokenize_one(lib, vocab, text) for text in texts]
+        yield lib, model
     finally:
         lib.llama_model_free(model)
 
 
-def _tokenize_one(lib: Any, vocab: Any, text: str) -> list[int]:
-    """Token ids of one text (special tokens parsed, no BOS/EOS), growing the buffer if it was too small."""
+def vocab_tokenize(lib: Any, vocab: Any, text: str, *, add_special: bool = False) -> list[int]:
+    """Token ids of one text (special tokens parsed; BOS/EOS as the vocabulary adds them only with
+    ``add_special``), growing the buffer if it was too small."""
     data = text.encode("utf-8")
     cap = len(data) + 8
     buf = (lib.llama_token * cap)()
-    n = lib.llama_tokenize(vocab, data, len(data), buf, cap, False, True)
+    n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_special, True)
     if n < 0:  # buffer too small: -n is the count needed
         cap = -n
         buf = (lib.llama_token * cap)()
-        n = lib.llama_tokenize(vocab, data, len(data), buf, cap, False, True)
+        n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_special, True)
     return [int(t) for t in buf[: max(n, 0)]]
 
 

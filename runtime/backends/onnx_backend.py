@@ -1,4 +1,5 @@
-"""ONNX Runtime back-end: an optimum decoder export on a plain InferenceSession, its KV cache driven in numpy.
+"""ONNX Runtime back-end: an optimum decoder export on a plain InferenceSession, its KV cache driven in numpy;
+the same graph converted to ORT format (``model.ort``, what a reduced mobile build of onnxruntime loads).
 
 onnxruntime is imported inside ``OnnxBackend``; this module never imports torch.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from edgeft.core.errors import EdgeftError, one_line
 from runtime.artifacts import ONNX, ONNX_MODEL
+from runtime.mobile import ORT, ORT_MODEL
 from runtime.backends.base import Backend
 from runtime.weights import WeightBytes, onnx_weight_bytes
 
@@ -23,6 +25,7 @@ class OnnxBackend(Backend):
     """An optimum decoder export (``model.onnx`` with past_key_values inputs) on the CPU provider."""
 
     kind = ONNX
+    model_file = ONNX_MODEL
 
     def __init__(self, directory: Path, *, threads: int) -> None:
         import onnxruntime as ort
@@ -31,7 +34,7 @@ class OnnxBackend(Backend):
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.path = directory / ONNX_MODEL
+        self.path = directory / self.model_file
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # an op without a CPU kernel, a damaged file
@@ -90,3 +93,15 @@ class OnnxBackend(Backend):
 
     def weight_bytes(self) -> WeightBytes:
         return onnx_weight_bytes(self.path)
+
+
+class OrtFormatBackend(OnnxBackend):
+    """The ORT-format conversion of an export (``model.ort``): same inputs, outputs and cache as ``model.onnx``."""
+
+    kind = ORT
+    model_file = ORT_MODEL
+
+    def weight_bytes(self) -> WeightBytes:
+        # The flatbuffer holds the initializers; the onnx package cannot read it, so the file size stands in.
+        size = self.path.stat().st_size
+        return WeightBytes(size, size, "ORT file size")

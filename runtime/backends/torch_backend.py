@@ -54,7 +54,7 @@ class TorchBackend(Backend):
         base = base_model_of(adapter, run)
         quant = run.get("quantization")
         if isinstance(quant, dict) and quant.get("load_in_4bit"):
-            model = self._load_4bit_base(base, run, quant)
+            model = self._load_4bit_base(base, quant)
         else:
             model = self._load(base)
         try:
@@ -62,25 +62,27 @@ class TorchBackend(Backend):
         except Exception as e:  # peft raises RuntimeError (shapes), ValueError (targets), KeyError
             raise EdgeftError(f"{adapter}: the adapter does not fit base {base} ({one_line(e)})") from None
 
-    def _load_4bit_base(self, base: str, run: dict[str, Any], quant: dict[str, Any]) -> Any:
-        """The base in 4 bits with the dtypes training used (``quant`` is edgeft-run.json's quantization)."""
+    def _load_4bit_base(self, base: str, quant: dict[str, Any]) -> Any:
+        """The base in 4 bits as training stored it (``quant`` is edgeft-run.json's quantization), computed in fp32.
+
+        Training may have multiplied in bf16; the reference every artifact is judged against computes
+        in fp32 all the same, so a lossless export of the merged model (which holds the same 4-bit
+        weights dequantized) agrees with it to float rounding instead of to bf16 rounding.
+        """
         import torch
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        compute = str(quant.get("compute_dtype") or "float32").replace("torch.", "")
-        load = str(run.get("torch_dtype") or run.get("dtype") or compute).replace("torch.", "")
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=str(quant.get("quant_type") or "nf4"),
             bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-            bnb_4bit_compute_dtype=getattr(torch, compute), bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8,
         )
-        model = self._load(base, dtype=getattr(torch, load), quantization_config=config, device_map={"": "cpu"})
+        model = self._load(base, dtype=torch.float32, quantization_config=config, device_map={"": "cpu"})
         # As training did: the 16-bit weights outside the 4-bit layers are held in fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         for m in model.modules():
-            # bitsandbytes' CPU inference kernel casts activations to bf16; training dequantized
-            # and multiplied in the compute dtype. Keep training's numerics.
+            # bitsandbytes' CPU inference kernel casts activations to bf16: keep the fp32 numerics.
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
         return model

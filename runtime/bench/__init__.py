@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeft.core.errors import EdgeftError
 from runtime.bench.config import ANSWER_TOKENS, MAX_ROWS, STRICT_EXIT_CODE, BenchConfig, ThresholdsNotMet
 from runtime.bench.evalset import (
     LATENCY_TEXT,
@@ -85,6 +86,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     report = assemble(cfg, reference, artifacts, records, results, evals, tok, machine, versions(), threads, prompt)
     R.write_report(report, out)
     R.print_table(report)
+    failed = [e["error"] for e in report["entries"] if "error" in e]
+    if failed:  # the report above holds what the others measured
+        raise EdgeftError(f"{len(failed)} artifact(s) could not be benchmarked (report written to {out}): "
+                          + "; ".join(failed))
     if cfg.strict:
         _raise_if_flagged(report)
     return report

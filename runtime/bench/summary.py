@@ -14,7 +14,8 @@ from edgeft import __version__
 from runtime.artifacts import Artifact
 from runtime.bench.config import BenchConfig
 from runtime.bench.evalset import EvalSet
-from runtime.thresholds import TOP1_MIN, flags_for, precision_class, top1_bar
+from runtime.thresholds import (TOP1_MIN, flags_for, paired_difference_interval, precision_class, top1_bar,
+                                wilson_interval)
 
 LATENCY_FIELDS = ("ttft_s", "ttft_s_min", "ttft_s_max", "ttft_s_spread",
                   "prompt_tokens_per_s", "prompt_tokens_per_s_min", "prompt_tokens_per_s_max", "prompt_tokens_per_s_spread",
@@ -37,8 +38,9 @@ def assemble(cfg: BenchConfig, reference: Artifact, artifacts: list[Artifact], r
     """The report: one entry per model (reference first) plus machine, workload and bars."""
     bandwidth = machine["bandwidth"]["read_gbps"] * 1e9
     ref_gen = results[0]["accuracy"]["generations"]
-    entries = [_entry(art, res, record=records.get(str(art.path)) if i else None, is_reference=i == 0,
-                      evals=evals, tok=tok, bandwidth=bandwidth, ref_gen=ref_gen)
+    entries = [_entry(art, res if "error" not in res else _FAILED, record=records.get(str(art.path)) if i else None,
+                      is_reference=i == 0, evals=evals, tok=tok, bandwidth=bandwidth, ref_gen=ref_gen)
+               | ({"error": res["error"]} if "error" in res else {})
                for i, (art, res) in enumerate(zip([reference, *artifacts], results))]
     _compare_with_reference(entries, cfg)
     return {
@@ -56,6 +58,15 @@ def assemble(cfg: BenchConfig, reference: Artifact, artifacts: list[Artifact], r
         "config": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
                    for k, v in asdict(cfg).items()},
     }
+
+
+# The figures of an artifact whose worker failed: none (its entry says why, and it is flagged).
+_FAILED: dict[str, Any] = {
+    "latency": {}, "weights": {"total": None, "per_token": None, "source": None}, "load_s": None,
+    "peak_rss_bytes": None, "threads": None,
+    "accuracy": {"generations": [], "perplexity": None, "top1_agreement": None, "mean_kl": None, "max_kl": None,
+                 "max_abs_diff": None, "positions": 0},
+}
 
 
 def _entry(art: Artifact, res: dict[str, Any], *, record: dict[str, Any] | None, is_reference: bool,
@@ -76,11 +87,15 @@ def _entry(art: Artifact, res: dict[str, Any], *, record: dict[str, Any] | None,
         **{k: lat.get(k) for k in LATENCY_FIELDS},
         "peak_rss_bytes": res["peak_rss_bytes"], "peak_rss_total_bytes": res.get("peak_rss_total_bytes"),
         "bandwidth_limit_tokens_per_s": limit,
-        "bandwidth_fraction": lat["decode_tokens_per_s"] / limit if limit == limit and limit else None,
+        "bandwidth_fraction": (lat["decode_tokens_per_s"] / limit
+                               if lat.get("decode_tokens_per_s") is not None and limit == limit and limit else None),
         "task_accuracy": sum(hits) / len(hits) if hits else None,
+        "task_accuracy_ci95": list(wilson_interval(sum(hits), len(hits))) if hits else None,
+        "_hits": hits,  # per row, for the paired interval against the reference (removed before writing)
+        "task_metrics": _task_metrics(texts, evals),
         "perplexity": acc["perplexity"],
         "top1_agreement": acc["top1_agreement"], "mean_kl": acc["mean_kl"], "max_kl": acc["max_kl"],
-        "max_abs_logit_diff": acc["max_abs_diff"], "compared_positions": acc["positions"],
+        "max_abs_logprob_diff_topk": acc["max_abs_diff"], "compared_positions": acc["positions"],
         "generation_agreement": sum(a == b for a, b in zip(gens, ref_gen)) / len(gens) if gens else None,
         "verification": None if is_reference else (record or {}).get("status", "missing"),
         "threads": res["threads"], "torch_imported": res.get("torch_imported"),
@@ -110,11 +125,17 @@ def _compare_with_reference(entries: list[dict[str, Any]], cfg: BenchConfig) -> 
         e["size_ratio_vs_reference"] = _ratio(e["size_bytes"], ref["size_bytes"])
         if e["role"] == "reference":
             e["top1_bar"], e["flags"] = None, []
+        elif "error" in e:
+            e["top1_bar"], e["flags"] = None, [e["error"]]
         else:
+            diff = paired_difference_interval(e["_hits"], ref["_hits"]) if e["_hits"] else None
+            e["task_accuracy_diff_vs_reference"] = diff
             e["top1_bar"] = top1_bar(e["kind"], e["precision"], cfg.top1_overrides)
             e["flags"] = flags_for(e, ref["task_accuracy"], top1_overrides=cfg.top1_overrides,
-                                   max_accuracy_drop=cfg.max_accuracy_drop)
+                                   max_accuracy_drop=cfg.max_accuracy_drop, accuracy_diff=diff)
         e["flagged"] = bool(e["flags"])
+    for e in entries:
+        e.pop("_hits", None)
 
 
 def _workload(cfg: BenchConfig, evals: EvalSet, prompt: list[int]) -> dict[str, Any]:
@@ -131,3 +152,10 @@ def _workload(cfg: BenchConfig, evals: EvalSet, prompt: list[int]) -> dict[str, 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _task_metrics(texts: list[str], evals: EvalSet) -> dict[str, Any] | None:
+    """Classification or generation metrics of the greedy answers, with bootstrap intervals."""
+    from runtime.taskmetrics import task_metrics
+
+    return task_metrics(texts, [r.answer for r in evals.rows]) if texts else None

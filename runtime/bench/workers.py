@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgeft.core.errors import EdgeftError
 from runtime.artifacts import Artifact
@@ -62,12 +62,15 @@ def benchmark_models(plan: WorkerPlan, models: list[Artifact]) -> list[dict[str,
     try:
         with step_progress("bench", "current") as bar:
             task = bar.add_task("bench", total=len(models), current=models[0].name)
+            rows = bar.add_task("evaluation rows", total=len(plan.evals.rows), current="")
             for i, art in enumerate(models):
                 bar.update(task, current=f"{art.name} ({art.backend})")
+                bar.reset(rows, total=len(plan.evals.rows))
                 say(f"[{i + 1}/{len(models)}] {art.name}: {art.kind} {art.precision} on {art.backend}")
-                res = run_worker(plan, art, reference=i == 0, index=i)
+                res = run_worker(plan, art, reference=i == 0, index=i,
+                                 on_rows=lambda done: bar.update(rows, completed=done))
                 results.append(res)
-                say(one_line_summary(art, res))
+                say(one_line_summary(art, res) if "error" not in res else f"    failed: {res['error']}")
                 bar.advance(task)
     finally:
         if not plan.cfg.keep_work:
@@ -87,24 +90,37 @@ def worker_spec(plan: WorkerPlan, art: Artifact, *, reference: bool) -> dict[str
     }
 
 
-def run_worker(plan: WorkerPlan, art: Artifact, *, reference: bool, index: int) -> dict[str, Any]:
-    """Run ``runtime.worker`` on ``art`` in a fresh process and return its result."""
+def run_worker(plan: WorkerPlan, art: Artifact, *, reference: bool, index: int,
+               on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run ``runtime.worker`` on ``art`` in a fresh process and return its result.
+
+    The reference failing ends the bench (nothing can be compared without it); an artifact failing
+    gives ``{"error": ...}`` so the report still holds what the others measured.
+    """
     from edgeft.core.fsutil import write_json
 
     spec_path, out_path = plan.work / f"spec-{index}.json", plan.work / f"result-{index}.json"
-    write_json(spec_path, worker_spec(plan, art, reference=reference))
+    progress = plan.work / f"progress-{index}.txt"
+    write_json(spec_path, {**worker_spec(plan, art, reference=reference), "progress_file": str(progress)})
     out_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "runtime.worker", str(spec_path), str(out_path)],
-                          env=worker_env(plan.threads), capture_output=True, text=True)
+    with open(plan.work / f"stderr-{index}.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.worker", str(spec_path), str(out_path)],
+                                env=worker_env(plan.threads), stdout=subprocess.DEVNULL, stderr=err)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            done = progress.read_text().split() if on_rows is not None and progress.is_file() else []
+            if done:
+                on_rows(int(done[0]))
     wall = time.perf_counter() - t0
     result = _read_result(out_path)
     if proc.returncode != 0 or "error" in result or not result:
-        if plan.cfg.keep_work:
-            (plan.work / f"stderr-{index}.log").write_text(proc.stderr)
-        msg = result.get("error") or _last_line(proc.stderr) or f"worker exited with status {proc.returncode}"
+        stderr = (plan.work / f"stderr-{index}.log").read_text(errors="replace")
+        msg = result.get("error") or _last_line(stderr) or f"worker exited with status {proc.returncode}"
         role = "--reference" if reference else "--artifact"
-        raise EdgeftError(f"{role} {art.path}: benchmark failed: {msg}")
+        if reference:
+            raise EdgeftError(f"{role} {art.path}: benchmark failed: {msg}")
+        return {"error": f"{role} {art.path}: benchmark failed: {msg}", "worker_wall_s": wall}
     result["worker_wall_s"] = wall
     return result
 

@@ -1,0 +1,151 @@
+"""Quantized GGUFs calibrated on the user's rows: the importance matrix, its effect, and bad input.
+
+A tiny llama with hidden size 256 (so the k-quants apply to every matrix, no q5/q8 fallback hides
+a bug) and a few planted outlier channels: the embedding scales those hidden dimensions up, as
+SmolLM2's first-token activations are, so per-column importance matters to the quantizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_llama
+
+pytest.importorskip("llama_cpp")
+
+OUTLIERS = (3, 77, 150, 201)
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = make_tiny_llama(tmp_path_factory.mktemp("outliers"), smol_tokenizer_dir, hidden=256, seed=4, init_std=0.05)
+    weights = load_file(out / "model.safetensors")
+    emb = weights["model.embed_tokens.weight"]
+    emb[:, list(OUTLIERS)] *= 30.0  # a few hidden dimensions carry activations far above the rest
+    weights["model.embed_tokens.weight"] = emb.contiguous()
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    assert torch.isfinite(emb).all()
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory) -> Path:
+    from edgeft.tasks import make_rows
+
+    path = tmp_path_factory.mktemp("calib") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(80, seed=11)))
+    return path
+
+
+def test_importance_matrix_has_one_entry_per_quantized_input(outlier_model, calibration_file):
+    from export.calibration import load_calibration
+    from export.gguf.imatrix import importance_matrix
+    from export.gguf.plan import plan_export
+
+    plan = plan_export(outlier_model, outlier_model.parent / "x.gguf", "q4_k_m", False)
+    calib = load_calibration(calibration_file, plan.vocab.hf_tokenizer, max_tokens=2000)
+    assert calib.rows > 5 and calib.tokens >= 2000 and len(calib.sha256) == 64
+    matrix = importance_matrix(plan, calib)
+    quantized = {t.gguf_name: t.shape for t in plan.tensors if len(t.shape) == 2 and t.gguf_name != "token_embd.weight"}
+    assert set(matrix) == set(quantized)  # every name is a GGUF tensor of the file, none missing
+    for name, values in matrix.items():
+        assert values.shape == (quantized[name][1],) and values.dtype == np.float32  # in_features long
+        assert np.isfinite(values).all() and (values >= 0).all()
+    # the planted channels dominate the inputs of the first attention block
+    q = matrix["blk.0.attn_q.weight"]
+    assert set(np.argsort(q)[-len(OUTLIERS):]) == set(OUTLIERS)
+
+
+def test_calibration_changes_the_bytes_and_lowers_the_error(outlier_model, calibration_file, tmp_path):
+    import gguf
+
+    from export.gguf import export_gguf
+
+    plain = export_gguf(outlier_model, tmp_path / "plain.gguf", qtype="q4_k_m")
+    calibrated = export_gguf(outlier_model, tmp_path / "cal.gguf", qtype="q4_k_m", calibration=calibration_file)
+    a, b = (tmp_path / "plain.gguf").read_bytes(), (tmp_path / "cal.gguf").read_bytes()
+    assert a != b
+    imatrix = calibrated.metrics["quantization"]["imatrix"]
+    assert imatrix["rows"] > 5 and imatrix["entries"] == 14 and imatrix["file"].endswith("train.jsonl")
+    assert plain.metrics["quantization"]["imatrix"] is None
+    # recorded in the GGUF too, as llama-quantize records it
+    fields = gguf.GGUFReader(str(tmp_path / "cal.gguf")).fields
+    assert fields["quantize.imatrix.entries_count"].contents() == 14
+    assert "train.jsonl" in fields["quantize.imatrix.dataset"].contents()
+    kl_plain = next(c.value for c in plain.checks if c.name == "mean_kl")
+    kl_cal = next(c.value for c in calibrated.checks if c.name == "mean_kl")
+    assert kl_cal < 0.9 * kl_plain, (kl_plain, kl_cal)
+
+
+def test_q8_0_takes_no_importance_matrix(outlier_model, calibration_file, tmp_path):
+    from export.gguf import export_gguf
+
+    rec = export_gguf(outlier_model, tmp_path / "q8.gguf", qtype="q8_0", calibration=calibration_file)
+    assert rec.metrics["quantization"]["imatrix"] is None  # llama.cpp's q8_0 ignores one
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--calibration .*missing.jsonl: file not found"),
+    ("", "no usable rows"),
+    ('{"text": ""}\n', "missing.jsonl:1: field 'text' is empty"),
+])
+def test_unusable_calibration_is_one_line(outlier_model, tmp_path, content, message):
+    from edgeft.core.errors import EdgeftError
+    from export.gguf import export_gguf
+
+    path = tmp_path / "missing.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(EdgeftError, match=message):
+        export_gguf(outlier_model, tmp_path / "out.gguf", qtype="q4_k_m", calibration=path)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def point(name: str, size: int, drop: float, budget: float = 1.0, status: str = "passed") -> dict:
+    return {"candidate": name, "size_bytes": size, "mean_kl": 0.01, "verification": status,
+            "within_budget": status == "passed" and drop <= budget}
+
+
+def test_auto_keeps_the_smaller_candidate_when_both_fit_and_the_larger_when_only_it_does():
+    from export.gguf.auto import choose
+
+    assert choose([point("q4_k_m", 100, 0.5), point("q8_0", 180, 0.0)])["candidate"] == "q4_k_m"
+    assert choose([point("q4_k_m", 100, 3.0), point("q8_0", 180, 0.0)])["candidate"] == "q8_0"
+    assert choose([point("q4_k_m", 100, 0.0, status="failed"), point("q8_0", 180, 0.5)])["candidate"] == "q8_0"
+    assert choose([point("q4_k_m", 100, 5.0)]) is None  # nothing fits: the caller writes f16 and says so
+
+
+def test_auto_search_writes_the_chosen_file_its_frontier_and_modelfile(outlier_model, calibration_file, tmp_path):
+    from edgeft.core.records import read_record
+    from edgeft.tasks import make_rows
+    from export.gguf.auto import export_gguf_auto
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps(r) + "\n" for r in make_rows(6, seed=12)))
+    out = tmp_path / "model.gguf"
+    rec = export_gguf_auto(outlier_model, out, max_accuracy_drop=100.0, eval_data=evals, calibration=calibration_file,
+                           candidates=(("q8_0", False), ("q4_k_m", True)))
+    auto = rec.metrics["auto"]
+    assert auto["chosen"] == "q4_k_m-imatrix"  # both fit a 100-point budget: the smaller one is kept
+    assert [p["candidate"] for p in auto["frontier"]] == ["q4_k_m-imatrix", "q8_0"]  # by size
+    assert read_record(out)["status"] == rec.status and (tmp_path / "model.frontier.png").stat().st_size > 1000
+    assert "FROM ./model.gguf" in (tmp_path / "model.Modelfile").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("model")) == [
+        "model.Modelfile", "model.frontier.png", "model.gguf", "model.gguf.verify.json"]
+
+
+def test_bad_budget_is_refused(tmp_path, outlier_model):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", "gguf", "--model", str(outlier_model), "--output", str(tmp_path / "x.gguf"),
+                                 "--type", "auto", "--max-accuracy-drop", "-1"])
+    assert r.exit_code == 2 and "--max-accuracy-drop" in r.output

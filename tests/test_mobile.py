@@ -1,0 +1,208 @@
+"""Phone formats: a tiny llama written as an ONNX Runtime GenAI folder, an ORT-format model and an
+ExecuTorch program, each loaded by its own runtime and meeting its bars; benchmarked by `edgeft bench`
+(GenAI and ORT workers without torch); damaged artifacts refused with one line.
+
+One export per format is shared across the module (GenAI and ORT take seconds, ExecuTorch about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeft.core.records import RECORD_DIR_NAME, read_record
+
+SIDE_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", RECORD_DIR_NAME}
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args: list[str]):
+    from edgeft.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def out_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mobile")
+
+
+@pytest.fixture(scope="module")
+def genai_dir(tiny_llama_dir, out_root) -> Path:
+    pytest.importorskip("onnxruntime_genai")
+    out = out_root / "genai"
+    result = _cli(["export", "onnx", "--model", tiny_llama_dir, "--output", out, "--format", "genai"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_dir(tiny_llama_dir, out_root) -> Path:
+    from export.ort import export_ort
+
+    out = out_root / "ort"
+    assert export_ort(tiny_llama_dir, out).status == "passed"
+    return out
+
+
+@pytest.fixture(scope="module")
+def pte_dir(tiny_llama_dir, out_root) -> Path:
+    pytest.importorskip("executorch.exir")
+    out = out_root / "executorch"
+    result = _cli(["export", "executorch", "--model", tiny_llama_dir, "--output", out, "--quantize", "fp32",
+                   "--max-seq-len", 128])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Each format, loaded by its own runtime
+
+
+def test_genai_folder_loads_generates_and_stops_at_end_of_turn(genai_dir, tiny_llama_dir):
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    assert {p.name for p in genai_dir.iterdir()} == SIDE_FILES | {"model.onnx", "genai_config.json"}
+    record = read_record(genai_dir)
+    assert record["status"] == "passed" and record["kind"] == "onnx-genai"
+    names = {c["name"] for c in record["checks"]}
+    assert {"genai_greedy_match", "genai_tokenizer_matches", "genai_chat_template_matches", "max_abs_diff"} <= names
+    config = json.loads((genai_dir / "genai_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in config["model"]["eos_token_id"]
+
+    model = og.Model(str(genai_dir))
+    ids = tok("The capital of France is")["input_ids"]
+    assert list(og.Tokenizer(model).encode("The capital of France is")) == ids
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 6, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    want = torch_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0].tolist()
+    got = list(generator.get_sequence(0))
+    assert got == want[: len(got)] and len(got) > len(ids)
+
+
+def test_ort_format_model_loads_in_onnxruntime_with_operator_config(ort_dir, tiny_llama_dir):
+    from export.onnx import OrtLM
+
+    assert {p.name for p in ort_dir.iterdir()} == SIDE_FILES | {"model.ort", "model.required_operators.config"}
+    assert (ort_dir / "model.ort").read_bytes()[4:8] == b"ORTM"
+    ops = (ort_dir / "model.required_operators.config").read_text()
+    assert "ai.onnx;" in ops and "# - model.ort" in ops  # no temporary path left in the header
+    record = read_record(ort_dir)
+    assert record["status"] == "passed" and record["kind"] == "ort"
+    assert record["metrics"]["logits"]["max_abs_diff"] <= 1e-3
+    assert set(record["files"]) == {"model.ort"}
+    lm = OrtLM(ort_dir / "model.ort")  # plain onnxruntime.InferenceSession on the .ort file
+    assert np.isfinite(lm.logits([[1, 2, 3, 4]], 0)[0]).all()
+
+
+def test_executorch_program_runs_in_executorch_and_matches_pytorch(pte_dir, tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runtime.backends import ExecutorchBackend
+
+    assert {p.name for p in pte_dir.iterdir()} == SIDE_FILES | {"model.pte", "edgeft-executorch.json"}
+    record = read_record(pte_dir)
+    assert record["status"] == "passed" and record["kind"] == "executorch", record["checks"]
+    assert record["metrics"]["kv_cache"]["greedy_match"] is True
+    backend = ExecutorchBackend(pte_dir, threads=1)
+    ids = [1, 504, 3575, 282, 4649, 314]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(backend.logits(ids), want, atol=1e-3)
+    backend.reset()  # the program's own cache: prefill, then one step
+    backend.prefill(ids[:-1])
+    np.testing.assert_allclose(backend.step(ids[-1]), want[-1], atol=1e-3)
+
+
+def test_executorch_refuses_before_work(tiny_llama_dir, tmp_path):
+    other = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    result = _cli(["export", "executorch", "--model", other, "--output", tmp_path / "out"])
+    assert result.exit_code == 1 and "model_type 'gpt2' is not supported by the ExecuTorch export" in result.output
+    assert not (tmp_path / "out").exists()
+    result = _cli(["export", "executorch", "--model", tiny_llama_dir, "--output", tmp_path / "o", "--quantize", "int3"])
+    assert result.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# edgeft bench: each format through its own runtime worker
+
+
+@pytest.fixture(scope="module")
+def bench_report(tiny_llama_dir, genai_dir, ort_dir, pte_dir, task_file, out_root):
+    out = out_root / "bench"
+    result = _cli(["bench", "--reference", tiny_llama_dir, "--artifact", genai_dir, "--artifact", ort_dir,
+                   "--artifact", pte_dir, "--data", task_file, "--output", out, "--threads", 1, "--max-rows", 3,
+                   "--prompt-tokens", 16, "--new-tokens", 4, "--warmup", 0, "--repeats", 1, "--answer-tokens", 3])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "report.json").read_text())
+
+
+def test_bench_reports_each_phone_format_with_size_and_memory(bench_report):
+    entries = {e["kind"]: e for e in bench_report["entries"][1:]}
+    assert set(entries) == {"onnx-genai", "ort", "executorch"}
+    assert entries["onnx-genai"]["backend"] == "onnxruntime-genai" and entries["executorch"]["backend"] == "executorch"
+    for e in entries.values():
+        assert e["size_bytes"] > 0 and e["peak_rss_bytes"] > 0 and e["decode_tokens_per_s"] > 0
+        assert e["top1_agreement"] >= 0.99 and e["precision"] == "fp32", e
+
+
+@pytest.mark.parametrize("kind", ["onnx-genai", "ort"])
+def test_genai_and_ort_workers_never_import_torch(kind, genai_dir, ort_dir):
+    path = genai_dir if kind == "onnx-genai" else ort_dir
+    code = ("import sys; sys.modules['torch'] = None\n"  # any torch import would now fail
+            "from runtime.backends import import_engine, open_backend, greedy\n"
+            f"import_engine({kind!r}); b = open_backend({kind!r}, {str(path)!r}, threads=1, max_tokens=64)\n"
+            "assert len(greedy(b, [1, 2, 3], 4)) == 4 and b.logits([1, 2, 3]).shape[0] == 3\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged artifacts: refused with one line
+
+
+def _damaged(src: Path, dest: Path, name: str, keep: float) -> Path:
+    shutil.copytree(src, dest)
+    data = (dest / name).read_bytes()
+    (dest / name).write_bytes(data[: int(len(data) * keep)])
+    return dest
+
+
+def test_damaged_phone_artifacts_refused_with_one_line(genai_dir, ort_dir, pte_dir, tiny_llama_dir, task_file, tmp_path):
+    bad_ort = _damaged(ort_dir, tmp_path / "ort", "model.ort", 0.5)
+    bad_pte = _damaged(pte_dir, tmp_path / "pte", "model.pte", 0.5)
+    bad_genai = _damaged(genai_dir, tmp_path / "genai", "genai_config.json", 0.5)
+    for bad, names in ((bad_ort, "model.ort"), (bad_pte, "model.pte"), (bad_genai, "genai_config.json")):
+        result = _cli(["bench", "--reference", tiny_llama_dir, "--artifact", bad, "--data", task_file,
+                       "--output", tmp_path / "out"])
+        assert result.exit_code == 1 and names in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    # Without the record's protection, the file checks still refuse the program and the GenAI folder.
+    for bad, words in ((bad_pte, "truncated ExecuTorch program"), (bad_genai, "not a valid ONNX Runtime GenAI config")):
+        result = _cli(["bench", "--reference", tiny_llama_dir, "--artifact", bad, "--data", task_file,
+                       "--output", tmp_path / "out", "--allow-unverified"])
+        assert result.exit_code == 1 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
