@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--types", default="q4_k_m,q5_k_m,q8_0")
     ap.add_argument("--onnx", default="int8,int4")
     ap.add_argument("--no-auto", action="store_true")
+    ap.add_argument("--auto-candidates", default="",
+                    help="e.g. q4_k_m+imatrix,q5_k_m+imatrix,q8_0 (default: every candidate of --type auto)")
+    ap.add_argument("--verify-rows", type=int, default=256, help="dev rows each export is verified on")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "quant_fidelity")
     a = ap.parse_args()
 
@@ -69,6 +72,7 @@ def main() -> int:
     (out / "data").mkdir(parents=True, exist_ok=True)
     train_file = to_jsonl(SST2 / "train.tsv", out / "data" / "train.jsonl", a.train_rows)
     dev = to_jsonl(SST2 / "dev.tsv", out / "data" / "dev.jsonl", a.dev_rows)
+    verify_rows = to_jsonl(SST2 / "dev.tsv", out / "data" / "dev-verify.jsonl", min(a.verify_rows, a.dev_rows))
     adapter, merged = out / "adapter", out / "merged"
     t0 = time.time()
     if not (adapter / "edgeft-run.json").is_file():
@@ -87,17 +91,19 @@ def main() -> int:
         if not have(path):
             kw = dict(opts)
             kw["calibration"] = train_file if kw.pop("calibration", False) else None
-            export_gguf(merged, path, qtype=qtype, eval_data=dev, overwrite=True, **kw)
+            export_gguf(merged, path, qtype=qtype, eval_data=verify_rows, overwrite=True, **kw)
         artifacts.append(path)
     if not a.no_auto:
         path = out / "auto.gguf"
         if not have(path):
-            export_gguf_auto(merged, path, max_accuracy_drop=1.0, eval_data=dev, calibration=train_file, overwrite=True)
+            chosen = tuple((c.split("+")[0], c.endswith("+imatrix")) for c in a.auto_candidates.split(",") if c)
+            export_gguf_auto(merged, path, max_accuracy_drop=1.0, eval_data=verify_rows, calibration=train_file,
+                             overwrite=True, **({"candidates": chosen} if chosen else {}))
         artifacts.append(path)
     for v in [v for v in a.onnx.split(",") if v]:
         path = out / f"onnx-{v}"
         if not have(path):
-            export_onnx(merged, path, quantize=v, eval_data=dev, overwrite=True)
+            export_onnx(merged, path, quantize=v, eval_data=verify_rows, overwrite=True)
         artifacts.append(path)
     print(f"artifacts ready after {time.time() - t0:.0f} s")
     report = run_bench(BenchConfig(reference=adapter, artifacts=artifacts, data=dev, output=out / "bench",

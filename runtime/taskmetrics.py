@@ -69,8 +69,11 @@ def classification_metrics(predictions: list[str], references: list[str]) -> dic
 
 def rouge_l(predictions: list[str], references: list[str]) -> np.ndarray:
     """ROUGE-L F-measure of each prediction against its reference (rouge-score)."""
+    import logging
+
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs its tokenizer choice at INFO
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     return np.array([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)])
 
