@@ -37,7 +37,7 @@ def variants(types: list[str]) -> list[tuple[str, str, dict]]:
     for t in types:
         out.append((f"{t}-plain", t, {"quant_options": QuantOptions(keep=False, imatrix=False)}))
         out.append((f"{t}-previous", t, {"quant_options": QuantOptions(keep=True, imatrix=False)}))
-        if QUANT_TYPES[t].imatrix or t != "q8_0":
+        if QUANT_TYPES[t].imatrix:  # the types llama.cpp weights by an importance matrix (not q8_0)
             out.append((f"{t}-calibrated", t, {"quant_options": QuantOptions(keep=True, imatrix=True),
                                                "calibration": True}))
     return out

@@ -53,6 +53,27 @@ class Backend:
         """Release native resources (llama.cpp contexts); a no-op elsewhere."""
 
 
+class AppendingBackend(Backend):
+    """A back-end whose engine only appends tokens to one running sequence (ExecuTorch, GenAI):
+    prefill, step and whole-sequence logits are all ``append`` on a fresh or continued state."""
+
+    def append(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed ``ids`` after the tokens already fed; their logits, (len(ids), V)."""
+        raise NotImplementedError
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        return self.append(ids)[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.append([token])[-1]
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        self.reset()
+        out = self.append(ids)
+        self.reset()
+        return out
+
+
 def greedy(backend: Backend, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy continuation of ``prompt``: at most ``max_new_tokens``, ending at (and keeping) a stop id."""
     stop = set(stop_ids)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeft.core.errors import EdgeftError, one_line
-from runtime.backends.base import Backend
+from runtime.backends.base import AppendingBackend, Backend
 from runtime.mobile import EXECUTORCH, PTE_MODEL
 from runtime.weights import WeightBytes
 
@@ -47,7 +47,7 @@ def read_program_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-class ExecutorchBackend(Backend):
+class ExecutorchBackend(AppendingBackend):
     """``model.pte`` through executorch's runtime; one sequence of at most ``max_seq_len`` tokens."""
 
     kind = EXECUTORCH
@@ -69,7 +69,7 @@ class ExecutorchBackend(Backend):
             raise EdgeftError(f"{self.path}: executorch cannot load it ({one_line(e)})") from None
         self.n_past = 0
 
-    def _run(self, ids: Sequence[int]) -> np.ndarray:
+    def append(self, ids: Sequence[int]) -> np.ndarray:
         torch = self.torch
         if self.n_past + len(ids) > self.max_seq_len:
             raise EdgeftError(f"{self.path}: sequence of {self.n_past + len(ids)} tokens exceeds the program's "
@@ -83,18 +83,6 @@ class ExecutorchBackend(Backend):
 
     def reset(self) -> None:
         self.n_past = 0
-
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        return self._run(ids)[-1]
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run([token])[-1]
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        self.reset()
-        out = self._run(ids)
-        self.reset()
-        return out
 
     def weight_bytes(self) -> WeightBytes:
         size = self.path.stat().st_size  # the program's constant segment holds the weights

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeft.core.errors import EdgeftError, one_line
-from runtime.backends.base import Backend
+from runtime.backends.base import AppendingBackend
 from runtime.mobile import GENAI, genai_model_files
 from runtime.weights import WeightBytes, onnx_weight_bytes
 
@@ -40,7 +40,7 @@ def load_genai_model(directory: Path, *, threads: int) -> Any:
         raise EdgeftError(f"{directory}: onnxruntime-genai cannot load it ({one_line(e)})") from None
 
 
-class GenaiBackend(Backend):
+class GenaiBackend(AppendingBackend):
     """A GenAI folder through ``og.Generator``: tokens appended, logits read back; ``max_tokens`` bounds a sequence."""
 
     kind = GENAI
@@ -58,7 +58,7 @@ class GenaiBackend(Backend):
         params.set_search_options(max_length=self.max_length, do_sample=False)
         return self.og.Generator(self.model, params)
 
-    def _append(self, ids: Sequence[int]) -> np.ndarray:
+    def append(self, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` to the sequence; their logits (T, V) float32."""
         if self.generator is None:
             self.reset()
@@ -71,18 +71,6 @@ class GenaiBackend(Backend):
 
     def reset(self) -> None:
         self.generator = self._fresh()
-
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        return self._append(ids)[-1]
-
-    def step(self, token: int) -> np.ndarray:
-        return self._append([token])[-1]
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        self.reset()
-        out = self._append(ids)
-        self.reset()
-        return out
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation by GenAI's own search loop: ``max_new_tokens`` ids, fewer when it stops at
