@@ -8,7 +8,7 @@ and the 2 processes get half each, so the figure measures the cost of DDP (gloo 
 LoRA gradients, the frozen base held once per process), not a gain: on one socket the cores are
 the same either way. On GPUs (`--device cuda`) each process has its own device.
 
-    .venv/bin/python benchmarks/bench_distributed.py [--steps 10] [--repeats 2] [--method qlora]
+    .venv/bin/python benchmarks/bench_distributed.py [--steps 10] [--repeats 2] [--method qlora] [--sharding ddp|fsdp]
 
 Writes benchmarks/results/distributed.json.
 """
@@ -33,7 +33,8 @@ def run_edgeft(a, data: Path, out: Path, processes: int) -> dict:
     cmd = [sys.executable, "-m", "edgeft", "train", "--data", str(data), "--output", str(out), "--overwrite",
            "--method", a.method, "--max-steps", str(a.steps), "--batch-size", str(a.batch // processes),
            "--max-seq-len", str(a.seq_len), "--eval-split", "0", "--eval-every", "0", "--save-every", "0",
-           "--seed", "0", "--device", a.device, "--num-processes", str(processes)]
+           "--seed", "0", "--device", a.device, "--num-processes", str(processes), "--sharding", a.sharding,
+           *(["--optimizer", a.optimizer] if a.optimizer else [])]
     threads = str(max(1, (os.cpu_count() or 1) // processes)) if a.device == "cpu" else "1"
     p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
     if p.returncode:
@@ -53,11 +54,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4, help="global batch (rows per optimizer step)")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--method", default="qlora", choices=["qlora", "lora"])
+    ap.add_argument("--method", default="qlora", choices=["qlora", "lora", "full"])
+    ap.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"], help="how the 2 processes hold the model")
+    ap.add_argument("--optimizer", default=None, help="default: edgeft's (fsdp: adamw, the one it can shard)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=2, help="runs per process count; medians are reported")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed.json"))
     a = ap.parse_args()
+    if a.sharding == "fsdp" and a.optimizer is None:
+        a.optimizer = "adamw"
 
     runs: dict[str, list[dict]] = {"1": [], "2": []}
     with tempfile.TemporaryDirectory() as wd:
@@ -68,13 +73,14 @@ def main() -> None:
                 print(f"run {rep + 1}/{a.repeats}: {n} process(es) ...", file=sys.stderr, flush=True)
                 runs[str(n)].append(run_edgeft(a, data, Path(wd) / f"out{n}", n))
     table = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "device": a.device},
-             "setup": {"model": "SmolLM2-135M-Instruct", "method": a.method, "data": f"SST-2 train, first {a.rows} rows",
+             "setup": {"model": "SmolLM2-135M-Instruct", "method": a.method, "sharding": a.sharding,
+                       "optimizer": a.optimizer or "edgeft default", "data": f"SST-2 train, first {a.rows} rows",
                        "seq_len": a.seq_len, "global_batch": a.batch, "steps": a.steps,
                        "timed_steps": a.steps - a.warmup, "repeats": a.repeats},
              "runs": runs, **{f"processes_{n}": summarise(r) for n, r in runs.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(table, indent=2) + "\n")
-    print(f"median of {a.repeats} runs (min-max); {os.cpu_count()} cores, {a.device}")
+    print(f"median of {a.repeats} runs (min-max); {os.cpu_count()} cores, {a.device}, {a.method}, {a.sharding}")
     print("| processes | tokens/s (all processes) | peak RSS per process MiB | final loss |\n|---|---|---|---|")
     for n in ("1", "2"):
         s = table[f"processes_{n}"]

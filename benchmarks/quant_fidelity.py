@@ -6,10 +6,11 @@ it, then writes, for the same merged model:
   (a) plain     llama.cpp's own quantization of each type: no importance matrix, no per-tensor
                 overrides (what every other fine-tuning tool ships);
   (b) previous  edgeft's previous default: the type's higher-precision tensors, no importance matrix;
-  (c) calibrated the higher-precision tensors and an importance matrix from the training rows;
+  (c) calibrated the higher-precision tensors, plus what the type's table row calibrates from the
+                training rows: an importance matrix (k-quants) and/or the outlier smoothing (q8_0);
   (d) auto      ``--type auto --max-accuracy-drop 1`` judged on the dev rows;
 
-and ONNX int8 and int4. One ``edgeft bench`` then compares every artifact with the unmerged model
+and ONNX int8 and int4 (int8 also smoothed on the training rows). One ``edgeft bench`` then compares every artifact with the unmerged model
 (computed in fp32) on the SST-2 dev rows: task accuracy with its 95% interval, top-1 agreement,
 mean KL, size. Resumable: artifacts already written (with a passed or failed record) are kept.
 
@@ -37,8 +38,8 @@ def variants(types: list[str]) -> list[tuple[str, str, dict]]:
     for t in types:
         out.append((f"{t}-plain", t, {"quant_options": QuantOptions(keep=False, imatrix=False)}))
         out.append((f"{t}-previous", t, {"quant_options": QuantOptions(keep=True, imatrix=False)}))
-        if QUANT_TYPES[t].imatrix:  # the types llama.cpp weights by an importance matrix (not q8_0)
-            out.append((f"{t}-calibrated", t, {"quant_options": QuantOptions(keep=True, imatrix=True),
+        if QUANT_TYPES[t].imatrix or QUANT_TYPES[t].smooth:  # what the table calibrates for this type
+            out.append((f"{t}-calibrated", t, {"quant_options": QuantOptions(keep=True),
                                                "calibration": True}))
     return out
 
@@ -66,6 +67,7 @@ def main() -> int:
     from export.gguf import export_gguf
     from export.gguf.auto import export_gguf_auto
     from export.onnx import export_onnx
+    from export.onnx.quantize import SMOOTHED_VARIANTS
     from runtime.bench import BenchConfig, run_bench
 
     out = a.output
@@ -101,10 +103,12 @@ def main() -> int:
                              overwrite=True, **({"candidates": chosen} if chosen else {}))
         artifacts.append(path)
     for v in [v for v in a.onnx.split(",") if v]:
-        path = out / f"onnx-{v}"
-        if not have(path):
-            export_onnx(merged, path, quantize=v, eval_data=verify_rows, overwrite=True)
-        artifacts.append(path)
+        for path, calibration in ((out / f"onnx-{v}", None), (out / f"onnx-{v}-calibrated", train_file)):
+            if calibration is not None and not SMOOTHED_VARIANTS.get(v):
+                continue
+            if not have(path):
+                export_onnx(merged, path, quantize=v, eval_data=verify_rows, calibration=calibration, overwrite=True)
+            artifacts.append(path)
     print(f"artifacts ready after {time.time() - t0:.0f} s")
     report = run_bench(BenchConfig(reference=adapter, artifacts=artifacts, data=dev, output=out / "bench",
                                    max_rows=a.dev_rows, overwrite=True, allow_unverified=True, repeats=1, warmup=0,

@@ -127,8 +127,14 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
                    "+ required-operators config for onnxruntime mobile.")
 @click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Rows the model will see (normally the training data; never the evaluation rows): int8 is "
+                   "smoothed on them (outlier activations folded into the weights, exact).")
+@click.option("--smooth/--no-smooth", default=None,
+              help="Force the outlier smoothing on or off (default: on for int8 when --calibration is given).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None, overwrite: bool) -> None:
+def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
+                    calibration: Path | None, smooth: bool | None, overwrite: bool) -> None:
     """Export to ONNX with KV cache (optimum), optionally quantized, and verify."""
     import importlib
 
@@ -139,21 +145,30 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
     module, name = ONNX_FORMATS[fmt]
     export = getattr(importlib.import_module(module), name)
     extra = {"eval_data": eval_data} if eval_data is not None else {}
-    _report(export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite, **extra))
+    _report(export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite,
+                   calibration=calibration, smooth=smooth, **extra))
 
 
 @export_group.command("executorch")
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Output directory (model.pte + tokenizer).")
-@click.option("--quantize", type=click.Choice(["8da4w", "fp32"]), default="8da4w", show_default=True,
-              help="8da4w: int8 dynamic activations, int4 weights (groups of 32); fp32: no quantization.")
+@click.option("--quantize", type=click.Choice(["8da8w", "8da4w", "fp32"]), default="8da4w", show_default=True,
+              help="8da8w: int8 dynamic activations, int8 weights (per output channel); 8da4w: int8 dynamic "
+                   "activations, int4 weights (groups of 32); fp32: no quantization.")
 @click.option("--max-seq-len", type=int, default=512, show_default=True, help="KV cache length built into the program.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Rows the model will see (normally the training data; never the evaluation rows): 8da8w and "
+                   "8da4w are smoothed on them (outlier activations folded into the weights, exact).")
+@click.option("--smooth/--no-smooth", default=None,
+              help="Force the outlier smoothing on or off (default: on for 8da8w and 8da4w when --calibration is given).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def export_executorch_cmd(model: Path, output: Path, quantize: str, max_seq_len: int, overwrite: bool) -> None:
+def export_executorch_cmd(model: Path, output: Path, quantize: str, max_seq_len: int, calibration: Path | None,
+                          smooth: bool | None, overwrite: bool) -> None:
     """Export an ExecuTorch program (.pte, XNNPACK) for phones, and verify it with executorch's runtime."""
     from export.executorch import export_executorch
 
-    _report(export_executorch(model, output, quantize=quantize, max_seq_len=max_seq_len, overwrite=overwrite))
+    _report(export_executorch(model, output, quantize=quantize, max_seq_len=max_seq_len, overwrite=overwrite,
+                              calibration=calibration, smooth=smooth))
 
 
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
@@ -169,9 +184,12 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
               help="--type auto: task accuracy points the smallest file kept may lose against the merged model.")
+@click.option("--smooth/--no-smooth", default=None,
+              help="Force the outlier smoothing (exact, folded into the weights; needs --calibration) on or off "
+                   "(default: the type's measured choice).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | None, eval_data: Path | None,
-                    max_accuracy_drop: float, overwrite: bool) -> None:
+                    max_accuracy_drop: float, smooth: bool | None, overwrite: bool) -> None:
     """Export to GGUF for llama.cpp (and write an Ollama Modelfile), and verify.
 
     --type auto tries the quantized types (with and without an importance matrix) on --eval-data and
@@ -184,21 +202,24 @@ def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | N
                                  calibration=calibration, overwrite=overwrite))
         return
     from export.gguf import export_gguf
+    from export.gguf.tables import QuantOptions
 
     _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite, calibration=calibration,
-                        eval_data=eval_data))
+                        eval_data=eval_data, quant_options=QuantOptions(smooth=smooth)))
 
 
 @export_group.command("gguf-lora")
 @click.option("--adapter", required=True, type=click.Path(path_type=Path), help="LoRA adapter directory (from `edgeft train`).")
 @click.option("--base", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The verified base GGUF the adapter will run on.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Adapter file to write (TASK.lora.gguf).")
+@click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The task's evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-def export_gguf_lora_cmd(adapter: Path, base: Path, output: Path, overwrite: bool) -> None:
+def export_gguf_lora_cmd(adapter: Path, base: Path, output: Path, eval_data: Path | None, overwrite: bool) -> None:
     """Export a LoRA adapter in llama.cpp's GGUF adapter format, verified on the base GGUF."""
     from export.gguf_lora import export_gguf_lora
 
-    _report(export_gguf_lora(adapter, base, output, overwrite=overwrite))
+    _report(export_gguf_lora(adapter, base, output, overwrite=overwrite, eval_data=eval_data))
 
 
 from runtime.cli_bench import bench_cmd  # noqa: E402  (numpy + click only at import)
@@ -218,8 +239,10 @@ cli.add_command(data_group)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only unless you change it).")
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port).")
-@click.option("--adapter", "adapters", multiple=True, metavar="NAME=FILE",
-              help="A task adapter (from `edgeft export gguf-lora`) on a GGUF base; requests select it with model=NAME. Repeatable.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A task adapter: a .lora.gguf file (`edgeft export gguf-lora`) on a GGUF base, or an adapter "
+                   "directory (`edgeft train`) on the model directory it was trained from; requests select it with "
+                   "model=NAME. Repeatable.")
 @click.option("--slots", type=int, default=1, show_default=True, help="Requests decoded at the same time (weights shared).")
 @click.option("--queue", type=int, default=16, show_default=True, help="Requests that may wait for a slot; beyond that 429.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds a request may take, queueing included.")

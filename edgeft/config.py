@@ -23,6 +23,8 @@ OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw", "adamw_8bit")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+SHARDINGS = ("ddp", "fsdp")
+FSDP_METHODS = ("lora", "qlora", "full")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, cli: bool = True):
@@ -36,6 +38,8 @@ class TrainConfig:
     data: str | None = _f(None, "training data: .jsonl, .json, .csv or .tsv")
     eval_data: str | None = _f(None, "held-out data file (default: split --eval-split off the training data)")
     output: str | None = _f(None, "output directory (adapter, tokenizer, run record, metrics, curves)")
+    split_by: str | None = _f(None, "train one adapter per distinct value of this data field (e.g. task), one after "
+                                    "the other, each into OUTPUT/<value>/; --eval-data rows are split the same way")
     schema: str = _f("auto", "data schema; auto detects it from the first row's keys", SCHEMAS)
     method: str = _f("qlora", "fine-tuning method", METHODS)
     # Sequence handling
@@ -64,6 +68,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 turns clipping off")
     optimizer: str = _f("paged_adamw_8bit", "optimizer (paged ones page state to CPU under memory pressure)", OPTIMIZERS)
     seed: int = _f(42, "seed for initialisation, data order and dropout")
+    task_weights: str = _f("", "per-task sampling weights for rows with a 'task' field, e.g. sentiment=2,topic=1: "
+                               "an epoch keeps its length and task t fills the share rows_t x w_t / sum(rows x w) "
+                               "of it (unnamed tasks weigh 1)")
     # Evaluation, early stopping, checkpoints
     eval_split: float = _f(0.05, "fraction of training rows held out for evaluation when no --eval-data")
     eval_every: int = _f(50, "evaluate every N optimizer steps (0: only at the end)")
@@ -87,9 +94,17 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     # Several processes (data parallel)
     num_processes: int = _f(1, "processes that train together on this machine, each on its share of every batch "
-                               "(launches torchrun; global batch = batch_size x grad_accum x processes)")
+                               "(launches torchrun; global batch = batch_size x grad_accum x processes x nnodes)")
     dist_timeout: int = _f(300, "seconds a process of a multi-process run waits for the others before the run "
                                 "stops with an error")
+    sharding: str = _f("ddp", "how several processes share the model: ddp keeps a whole copy on each; fsdp shards "
+                              "weights, gradients and optimizer state over them (lora, qlora, full; needs --optimizer "
+                              "adamw)", SHARDINGS)
+    nnodes: int = _f(1, "machines of a multi-node run; each runs the same command with its own --node-rank")
+    node_rank: int = _f(0, "this machine's number in a multi-node run, 0 .. nnodes-1 (node 0 writes the output)")
+    master_addr: str | None = _f(None, "address of node 0, where the nodes of a multi-node run meet (needed when "
+                                       "--nnodes > 1)")
+    master_port: int = _f(29500, "TCP port on --master-addr for the multi-node rendezvous")
     # Safety
     trust_remote_code: bool = _f(False, "allow model code from the model directory/Hub to run")
     allow_pickle: bool = _f(False, "load a model stored only as pickle weights (*.bin), with torch.load(weights_only=True)")
@@ -137,6 +152,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
             value = float(value)
             ok = math.isfinite(value)
     elif tp is str:
+        if name == "task_weights" and isinstance(value, dict):  # YAML mapping {task: weight}
+            value = ",".join(f"{task}={weight}" for task, weight in value.items())
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"{where}: '{name}' must be {tp.__name__}, got {type(value).__name__} {value!r}"[:300])
@@ -209,7 +226,7 @@ def validate(cfg: TrainConfig) -> None:
         p.append("--threads must be >= 1")
     if cfg.num_processes < 1 or cfg.dist_timeout < 1:
         p.append("--num-processes and --dist-timeout must be >= 1")
-    p += schedule_problems(cfg)
+    p += schedule_problems(cfg) + distributed_problems(cfg) + task_weight_problems(cfg)
     if cfg.early_stopping_patience and cfg.eval_every == 0:
         p.append("--early-stopping-patience needs --eval-every > 0")
     if cfg.method in PEFT_PROMPT_METHODS and cfg.packing:
@@ -218,6 +235,10 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--data {cfg.data}: file not found")
     if cfg.eval_data and not Path(cfg.eval_data).is_file():
         p.append(f"--eval-data {cfg.eval_data}: file not found")
+    if cfg.split_by is not None and not cfg.split_by.strip():
+        p.append("--split-by must name a field of the data rows (e.g. task)")
+    if cfg.split_by and cfg.task_weights:
+        p.append("--split-by trains one adapter per task; --task-weights mixes tasks in one adapter (use one of them)")
     if p:
         raise ConfigError("; ".join(p))
 
@@ -231,6 +252,40 @@ def parse_milestones(text: str) -> list[int]:
     if any(b <= a for a, b in zip(steps, steps[1:])) or any(x < 1 for x in steps):
         raise ConfigError(f"--lr-milestones must be increasing steps >= 1, got {text!r}")
     return steps
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """``"sentiment=2,topic=1"`` -> {"sentiment": 2.0, "topic": 1.0} (ConfigError naming --task-weights
+    unless every item is ``task=weight`` with a finite weight > 0 and no task is named twice)."""
+    weights: dict[str, float] = {}
+    for item in (x.strip() for x in text.split(",")):
+        task, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep and task.strip() else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise ConfigError(f"--task-weights: {item!r} is not task=weight (e.g. sentiment=2,topic=1)")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"--task-weights: weight of task '{task.strip()}' must be a number > 0, got {value.strip()}")
+        if task.strip() in weights:
+            raise ConfigError(f"--task-weights: task '{task.strip()}' is named twice")
+        weights[task.strip()] = weight
+    return weights
+
+
+def task_weight_problems(cfg: TrainConfig) -> list[str]:
+    """Problems with ``--task-weights`` that show without reading the data."""
+    if not cfg.task_weights:
+        return []
+    p = []
+    try:
+        parse_task_weights(cfg.task_weights)
+    except ConfigError as e:
+        p.append(e.message)
+    if cfg.packing:
+        p.append("--task-weights does not work with --packing (a packed sequence mixes tasks)")
+    return p
 
 
 def schedule_problems(cfg: TrainConfig) -> list[str]:
@@ -248,6 +303,26 @@ def schedule_problems(cfg: TrainConfig) -> list[str]:
         p.append("--layer-lr-decay must be in (0, 1]")
     if cfg.loraplus_lr_ratio <= 0:
         p.append("--loraplus-lr-ratio must be > 0")
+    return p
+
+
+def distributed_problems(cfg: TrainConfig) -> list[str]:
+    """Problems with the multi-node and sharding options."""
+    p = []
+    if cfg.nnodes < 1:
+        p.append(f"--nnodes must be >= 1, got {cfg.nnodes}")
+    elif not 0 <= cfg.node_rank < cfg.nnodes:
+        p.append(f"--node-rank {cfg.node_rank}: must be 0 .. {cfg.nnodes - 1} with --nnodes {cfg.nnodes}")
+    if cfg.nnodes > 1 and not cfg.master_addr:
+        p.append(f"--nnodes {cfg.nnodes} needs --master-addr (the address of node 0, the same on every node)")
+    if not 1 <= cfg.master_port <= 65535:
+        p.append(f"--master-port must be a TCP port (1 .. 65535), got {cfg.master_port}")
+    if cfg.sharding == "fsdp":
+        if cfg.method not in FSDP_METHODS:
+            p.append(f"--sharding fsdp supports --method {', '.join(FSDP_METHODS)}, not {cfg.method}")
+        if cfg.optimizer != "adamw":
+            p.append(f"--sharding fsdp needs --optimizer adamw (bitsandbytes' {cfg.optimizer} cannot update "
+                     "sharded weights)")
     return p
 
 

@@ -20,6 +20,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     line: int
+    task: str | None = None  # the row's ``task`` field
 
     @property
     def n_loss_tokens(self) -> int:
@@ -99,7 +100,7 @@ def tokenize_rows(tokenizer: Any, rows: list[Row], max_seq_len: int) -> tuple[li
         if len(ids) > max_seq_len:
             st.truncated += 1
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-        ex = Tokenized(ids, labels, row.line)
+        ex = Tokenized(ids, labels, row.line, row.task)
         # Labels are shifted by one in the loss: the first token can never be a target.
         if sum(1 for t in labels[1:] if t != IGNORE_INDEX) == 0:
             st.dropped_no_target += 1

@@ -3,7 +3,10 @@
 Every stage writes into its own sub-directory of ``output`` and is skipped when its result is
 already complete (a finished training run, a passed verification record, a report), so a
 re-run after a crash or Ctrl-C continues where it stopped. Training itself resumes from its
-last checkpoint.
+last checkpoint. Every export is calibrated on the training rows (the quantizers and the outlier
+smoothing that take them); the ONNX and GGUF exports are also judged on the evaluation rows.
+The phone formats (``genai``, ``ort``: ONNX variants; ``executorch``: 8da8w, 8da4w, fp32) are
+written as ``genai-V``, ``ort-V`` and ``executorch-V`` and benchmarked beside the others.
 
 Pipeline YAML::
 
@@ -18,6 +21,9 @@ Pipeline YAML::
     export:
       onnx: [fp32, int8, int4]
       gguf: [f16, q8_0, q4_k_m]
+      genai: [int8]           # phone formats (pip install 'edgeft[mobile]'); none unless listed
+      ort: [int8]
+      executorch: [8da8w]
     bench:
       data: my-eval.jsonl   # evaluation set (default: train.eval_data, else train.data)
       threads: null
@@ -39,6 +45,13 @@ from edgeft.core.records import passed_and_bound
 
 ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
 GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto")
+EXECUTORCH_VARIANTS = ("8da8w", "8da4w", "fp32")
+# Phone formats, by export key: (variants, exporter module, its function, modules it needs: the mobile extra).
+MOBILE_EXPORTS: dict[str, tuple[tuple[str, ...], str, str, tuple[str, ...]]] = {
+    "genai": (ONNX_VARIANTS, "export.genai", "export_genai", ("onnxruntime_genai",)),
+    "ort": (ONNX_VARIANTS, "export.ort", "export_ort", ()),
+    "executorch": (EXECUTORCH_VARIANTS, "export.executorch", "export_executorch", ("executorch", "torchao")),
+}
 _SECTIONS = {"output", "train", "merge", "export", "bench"}
 _BENCH_INTS = ("repeats", "warmup", "new_tokens", "prompt_tokens", "answer_tokens")
 
@@ -51,6 +64,9 @@ class PipelineConfig:
     merge_dtype: str = "fp32"
     onnx: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     gguf: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
+    genai: list[str] = field(default_factory=list)  # phone formats: none unless the YAML lists them
+    ort: list[str] = field(default_factory=list)
+    executorch: list[str] = field(default_factory=list)
     bench_data: str | None = None
     bench_threads: int | None = None
     bench_max_rows: int | None = 64
@@ -85,6 +101,21 @@ def _variants(value: Any, allowed: tuple[str, ...], where: str) -> list[str]:
     return [v.lower() for v in value]
 
 
+def _mobile_variants(export: dict, path: Path) -> dict[str, list[str]]:
+    """export.genai / export.ort / export.executorch: checked variant lists, and the mobile extra
+    installed for each format listed (before any stage runs)."""
+    import importlib.util
+
+    lists = {}
+    for key, (allowed, _, _, modules) in MOBILE_EXPORTS.items():
+        lists[key] = _variants(export.get(key), allowed, f"{path}: export.{key}")
+        missing = [m for m in modules if lists[key] and importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"{path}: export.{key} needs the mobile extra ({missing[0]} is not installed); "
+                              "pip install 'edgeft[mobile]'")
+    return lists
+
+
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read and check a pipeline YAML; every problem names the file and key."""
     import yaml
@@ -107,6 +138,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         name = str(k).replace("-", "_")
         if name in ("output",):
             raise ConfigError(f"{path}: train.output is set by the pipeline (output/adapter)")
+        if name == "split_by":
+            raise ConfigError(f"{path}: train.split_by: the pipeline trains one adapter; run `edgeft train "
+                              "--split-by` for one adapter per task")
         train_values[name] = coerce(name, v, f"{path}: train")
     train = TrainConfig(**train_values)
     train.output = str(out / "adapter")
@@ -114,7 +148,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     merge = _section(data, "merge", path)
     _check_keys(merge, {"policy", "dtype"}, f"{path}: merge")
     export = _section(data, "export", path)
-    _check_keys(export, {"onnx", "gguf", "max_accuracy_drop"}, f"{path}: export")
+    _check_keys(export, {"onnx", "gguf", "max_accuracy_drop", *MOBILE_EXPORTS}, f"{path}: export")
     drop = export.get("max_accuracy_drop", 1.0)
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop <= 100:
         raise ConfigError(f"{path}: export.max_accuracy_drop must be a number of points from 0 to 100, got {drop!r}")
@@ -133,7 +167,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         gguf=_variants(export.get("gguf", ["f16", "q8_0", "q4_k_m"]), GGUF_VARIANTS, f"{path}: export.gguf"),
         bench_data=bench.get("data") or train.eval_data or train.data,
         bench_threads=bench.get("threads"), bench_max_rows=bench.get("max_rows", 64), strict=bool(bench.get("strict", False)),
-        bench_extra=extra, max_accuracy_drop=float(drop),
+        bench_extra=extra, max_accuracy_drop=float(drop), **_mobile_variants(export, path),
     )
     if cfg.merge_policy not in ("auto", "base", "nf4-dequant"):
         raise ConfigError(f"{path}: merge.policy must be auto, base or nf4-dequant")
@@ -149,7 +183,13 @@ def artifact_paths(cfg: PipelineConfig) -> list[Path]:
     paths = [out / "merged"]
     paths += [out / f"onnx-{v}" for v in cfg.onnx]
     paths += [out / f"model.{v}.gguf" for v in cfg.gguf]
+    paths += [target for _, _, target in mobile_targets(cfg)]
     return paths
+
+
+def mobile_targets(cfg: PipelineConfig) -> list[tuple[str, str, Path]]:
+    """(export key, variant, output directory) of every phone-format artifact, e.g. ``output/genai-int8``."""
+    return [(key, v, cfg.output / f"{key}-{v}") for key in MOBILE_EXPORTS for v in getattr(cfg, key)]
 
 
 def _eval_data(cfg: PipelineConfig) -> Path | None:
@@ -190,7 +230,7 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
             from export.onnx import export_onnx
 
             _verdict(export_onnx(merged, target, quantize=None if v == "fp32" else v, overwrite=True,
-                                 eval_data=_eval_data(cfg)))
+                                 eval_data=_eval_data(cfg), calibration=Path(cfg.train.data)))
 
         result.append((f"export onnx {v}", lambda t=target: passed_and_bound(t), run_onnx))
     for v in cfg.gguf:
@@ -210,6 +250,7 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
                                  eval_data=_eval_data(cfg)))
 
         result.append((f"export gguf {v}", lambda t=target: passed_and_bound(t), run_gguf))
+    result += _mobile_stages(cfg, merged)
     report = out / "bench" / "report.json"
 
     def run_bench() -> None:
@@ -234,6 +275,23 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
         return {str(p.resolve()) for p in artifact_paths(cfg) if passed_and_bound(p)} <= covered
 
     result.append(("bench", bench_done, run_bench))
+    return result
+
+
+def _mobile_stages(cfg: PipelineConfig, merged: Path) -> list[tuple[str, Callable[[], bool], Callable[[], None]]]:
+    """(name, is_done, run) of each phone-format export: smoothed on the training rows where the variant
+    takes them (int8, 8da8w, 8da4w), judged on the verification samples (these exporters take no eval rows)."""
+    result: list[tuple[str, Callable[[], bool], Callable[[], None]]] = []
+    for key, v, target in mobile_targets(cfg):
+
+        def run_mobile(key=key, v=v, target=target) -> None:
+            import importlib
+
+            _, module, function, _ = MOBILE_EXPORTS[key]
+            export = getattr(importlib.import_module(module), function)
+            _verdict(export(merged, target, quantize=v, overwrite=True, calibration=Path(cfg.train.data)))
+
+        result.append((f"export {key} {v}", lambda t=target: passed_and_bound(t), run_mobile))
     return result
 
 

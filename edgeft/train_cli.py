@@ -44,13 +44,24 @@ def train_cmd(ctx: click.Context, config_file: Path | None, resume: bool, overwr
             values[name] = value
     cfg = TrainConfig(**values)
     validate(cfg)
+    if cfg.split_by:
+        from edgeft.train.split import train_split
+
+        train_split(values, cfg, resume=resume,
+                    train_one=lambda v, c, resume_task: _train_one(v, c, resume=resume_task, overwrite=overwrite))
+        return
+    _train_one(values, cfg, resume=resume, overwrite=overwrite)
+
+
+def _train_one(values: dict[str, Any], cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """One run: in this process, or as ``--num-processes`` ranks launched for the user."""
     from edgeft.train import train
     from edgeft.train.distributed import is_main_process, under_launcher
 
-    if cfg.num_processes > 1 and not under_launcher():
+    if (cfg.num_processes > 1 or cfg.nnodes > 1) and not under_launcher():
         from edgeft.train.launch import launch_processes
 
-        launch_processes(values, cfg.num_processes, resume=resume, overwrite=overwrite)  # rank 0 prints the summary
+        launch_processes(values, cfg, resume=resume, overwrite=overwrite)  # rank 0 prints the summary
         return
     result = train(cfg, resume=resume, overwrite=overwrite)
     if is_main_process():

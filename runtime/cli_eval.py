@@ -37,3 +37,5 @@ def eval_cmd(model: Path, data: Path, output: Path, tokenizer: Path | None, max_
     m = result["task_metrics"]
     click.echo(f"{result['rows']} rows, {m['kind']}: " + ", ".join(metric_cells(m))
                + f"; perplexity {result['perplexity']:.4g}; {output / 'eval.json'}")
+    for task, tm in (result.get("task_metrics_by_task") or {}).items():
+        click.echo(f"  task {task}: {tm['rows']} rows, {tm['kind']}: " + ", ".join(metric_cells(tm)))

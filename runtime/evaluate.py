@@ -67,7 +67,7 @@ def evaluate_artifact(cfg: EvalConfig) -> dict[str, Any]:
     from runtime.artifacts import describe
     from runtime.bench.evalset import eval_set
     from runtime.machine import physical_cores
-    from runtime.taskmetrics import task_metrics
+    from runtime.taskmetrics import metrics_by_task, task_metrics
     from runtime.taskreport import write_confusion_plots
 
     art = describe(cfg.model, flag="--model")
@@ -79,11 +79,13 @@ def evaluate_artifact(cfg: EvalConfig) -> dict[str, Any]:
     texts = [tok.decode([t for t in g if t not in evals.stop_ids], skip_special_tokens=True) for g in generations]
     references = [r.answer for r in evals.rows]
     metrics = task_metrics(texts, references, resamples=cfg.resamples)
+    by_task = metrics_by_task(texts, references, [r.task for r in evals.rows], resamples=cfg.resamples)
     result = {
         "model": str(art.path), "kind": art.kind, "precision": art.precision, "data": str(cfg.data),
         "rows": len(evals.rows), "rows_in_file": evals.total_rows, "answer_tokens": cfg.answer_tokens,
-        "threads": threads, "perplexity": perplexity, "task_metrics": metrics,
-        "answers": [{"line": r.line, "reference": r.answer, "generated": t} for r, t in zip(evals.rows, texts)][:ANSWERS_KEPT],
+        "threads": threads, "perplexity": perplexity, "task_metrics": metrics, "task_metrics_by_task": by_task,
+        "answers": [{"line": r.line, "reference": r.answer, "generated": t} | ({"task": r.task} if r.task else {})
+                    for r, t in zip(evals.rows, texts)][:ANSWERS_KEPT],
         "edgeft_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out / "eval.json", result)
@@ -96,9 +98,11 @@ def evaluate_artifact(cfg: EvalConfig) -> dict[str, Any]:
 
 def eval_markdown(result: dict[str, Any]) -> str:
     """``eval.md``: the model, the data, perplexity and the task metrics."""
-    from runtime.taskreport import task_lines
+    from runtime.taskreport import per_task_lines, task_lines
 
+    name = Path(result["model"]).name
     lines = [f"# edgeft eval: `{result['model']}`", "",
              f"{result['kind']} ({result['precision']}), {result['rows']} rows of `{result['data']}`, greedy answers "
              f"of at most {result['answer_tokens']} tokens; answer perplexity {result['perplexity']:.4g}.", ""]
-    return "\n".join(lines + task_lines([(Path(result["model"]).name, result["task_metrics"])]))
+    lines += task_lines([(name, result["task_metrics"])])
+    return "\n".join(lines + per_task_lines([(name, result.get("task_metrics_by_task"))]))

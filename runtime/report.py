@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.core.fsutil import atomic_file, write_json
-from runtime.taskreport import task_lines, write_confusion_plots
+from runtime.taskreport import per_task_lines, task_lines, write_confusion_plots
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -123,6 +123,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += task_lines([(e["name"], e.get("task_metrics")) for e in report["entries"]])
+    lines += per_task_lines([(e["name"], e.get("task_metrics_by_task")) for e in report["entries"]])
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ MAX_LABELS = 20  # references with at most this many distinct values (and repeat
 OTHER_LABEL = "(other)"  # a prediction outside the label set
 CONFIDENCE = 0.95
 RESAMPLES = 1000
+NO_TASK = "(no task)"  # rows without a ``task`` field, beside rows that have one
 
 
 def is_label_set(references: list[str]) -> bool:
@@ -137,3 +138,16 @@ def task_metrics(predictions: list[str], references: list[str], *, resamples: in
                                       seed=seed)))
     return {"kind": kind, "rows": len(references), **metrics, "ci": ci,
             "ci_method": f"percentile bootstrap over rows, {resamples} resamples, {confidence:.0%}"}
+
+
+def metrics_by_task(predictions: list[str], references: list[str], tasks: list[str | None],
+                    **options: Any) -> dict[str, dict[str, Any]] | None:
+    """``task_metrics`` of each task's rows on their own (each task gets its own kind: labels or free
+    text), by task name; None when no row names a task. ``options`` go to ``task_metrics``."""
+    if all(task is None for task in tasks):
+        return None
+    rows: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        rows.setdefault(NO_TASK if task is None else task, []).append(i)
+    return {task: task_metrics([predictions[i] for i in idx], [references[i] for i in idx], **options)
+            for task, idx in sorted(rows.items())}

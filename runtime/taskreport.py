@@ -39,6 +39,17 @@ def task_lines(named_metrics: list[tuple[str, dict[str, Any] | None]]) -> list[s
     return lines + [""]
 
 
+def per_task_lines(named_by_task: list[tuple[str, dict[str, dict[str, Any]] | None]]) -> list[str]:
+    """Markdown: for each model whose rows carry a ``task``, one line per task with its metrics."""
+    rows = [(name, by_task) for name, by_task in named_by_task if by_task]
+    if not rows:
+        return []
+    lines = ["## Task metrics per task", "", "Each task's rows scored on their own, with the same intervals.", ""]
+    lines += [f"- `{name}`, task `{task}` ({m['kind']}, {m['rows']} rows): " + ", ".join(metric_cells(m))
+              for name, by_task in rows for task, m in by_task.items()]
+    return lines + [""]
+
+
 def plot_confusion(confusion: dict[str, Any], title: str, path: Path) -> Path:
     """The confusion matrix (rows: reference label, columns: predicted) as a PNG."""
     import matplotlib

@@ -4,7 +4,7 @@ Top-1 next-token agreement, teacher-forced on the evaluation rows, by storage pr
 
     class      minimum top-1   precisions
     lossless   0.995           merged fp32/fp16, ONNX fp32, GGUF f32/f16
-    8-bit      0.98            ONNX int8 and fp16 (fp16 compute), GGUF q8_0/q6_k/bf16, merged bf16
+    8-bit      0.98            ONNX int8 and fp16 (fp16 compute), GGUF q8_0/q6_k/bf16, merged bf16, ExecuTorch 8da8w
     4-bit      0.95            ONNX int4, GGUF q4_*/q5_*/q3_*/q2_* and anything else quantized
 
 Task accuracy (exact match of normalised greedy answers) may fall at most
@@ -33,10 +33,11 @@ _CLASS = {
     ("onnx", "fp32"): "lossless", ("onnx", "fp16"): "8-bit", ("onnx", "int8"): "8-bit", ("onnx", "int4"): "4-bit",
     ("gguf", "f32"): "lossless", ("gguf", "f16"): "lossless", ("gguf", "bf16"): "8-bit",
     ("gguf", "q8_0"): "8-bit", ("gguf", "q6_k"): "8-bit",
-    # Phone formats: GenAI and ORT-format carry the ONNX variants' graphs; ExecuTorch 8da4w falls to 4-bit.
+    # Phone formats: GenAI and ORT-format carry the ONNX variants' graphs; ExecuTorch 8da8w is 8-bit,
+    # 8da4w falls to 4-bit.
     **{(kind, p): c for kind in ("onnx-genai", "ort")
        for p, c in (("fp32", "lossless"), ("fp16", "8-bit"), ("int8", "8-bit"), ("int4", "4-bit"))},
-    ("executorch", "fp32"): "lossless",
+    ("executorch", "fp32"): "lossless", ("executorch", "8da8w"): "8-bit",
 }
 
 

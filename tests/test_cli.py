@@ -127,6 +127,39 @@ def test_shipped_pipeline_example_loads(tmp_path, good):
     assert cfg.train.output == str(tmp_path / "pipeline" / "adapter") and cfg.bench_extra["new_tokens"] == 128
 
 
+def test_pipeline_phone_formats_are_checked_and_the_example_loads(tmp_path, good, monkeypatch):
+    import importlib.util
+
+    from edgeft import pipeline
+    from edgeft.pipeline import EXECUTORCH_VARIANTS, load_pipeline
+
+    p = tmp_path / "p.yaml"
+    for key, bad in (("genai", "int3"), ("ort", "8da8w"), ("executorch", "int8")):
+        p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}}}\nexport: {{{key}: [{bad}]}}\n")
+        r = invoke("run", "--config", str(p))
+        assert r.exit_code == 2 and f"export.{key}: unknown variant(s) {bad}" in error_line(r)
+        assert not (tmp_path / "o").exists()
+    # a format whose runtime is not installed is refused before any stage runs
+    monkeypatch.setitem(pipeline.MOBILE_EXPORTS, "genai", (pipeline.ONNX_VARIANTS, "export.genai", "export_genai",
+                                                           ("no_such_runtime_module",)))
+    p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}}}\nexport: {{genai: [int8]}}\n")
+    r = invoke("run", "--config", str(p))
+    assert r.exit_code == 2 and "export.genai needs the mobile extra (no_such_runtime_module" in error_line(r)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    if not all(importlib.util.find_spec(m) for m in ("onnxruntime_genai", "executorch", "torchao")):
+        pytest.skip("the mobile extra is not installed")
+    from export.executorch import QUANTIZATIONS
+
+    assert set(EXECUTORCH_VARIANTS) == set(QUANTIZATIONS)
+    text = (CONFIG_DIR / "pipeline.yaml").read_text().replace("train.jsonl", str(good)).replace("eval.jsonl", str(good))
+    p.write_text(text.replace("runs/", f"{tmp_path}/").replace("  # genai:", "  genai:").replace("  # ort:", "  ort:")
+                 .replace("  # executorch:", "  executorch:"))
+    cfg = load_pipeline(p)
+    assert (cfg.genai, cfg.ort, cfg.executorch) == (["int8"], ["int8"], ["8da8w"])
+    assert cfg.onnx == ["fp32", "int8"] and cfg.gguf == ["f16", "q8_0", "q4_k_m"]  # unchanged by the new keys
+
+
 def test_pipeline_yaml_errors_name_the_key(tmp_path, good):
     p = tmp_path / "p.yaml"
     p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}, lr: fast}}\nexport: {{gguf: [q3_k]}}\n")

@@ -96,6 +96,65 @@ def test_clean_near_dup_threshold_is_configurable(tmp_path):
     assert len(read_jsonl(tmp_path / "b.jsonl")) == 1
 
 
+def test_duplicate_indexes_on_disk_agree_with_datasketch(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+    from datasketch import MinHashLSH
+
+    from edgeft.datatools import dedup
+
+    monkeypatch.setattr(dedup, "BATCH_WRITES", 7)  # many commits: rows are found across transactions
+    rng = random.Random(1)
+    words = BASE.replace(",", "").replace(".", "").split()
+    texts = [" ".join(rng.choice(words) for _ in range(25)) for _ in range(60)]
+    texts += [t.replace(t.split()[3], "kettles", 1) for t in texts[:20]]  # near duplicates of the first 20
+    reference, reference_sigs = MinHashLSH(threshold=0.8, num_perm=128), {}  # datasketch's in-memory LSH
+    with dedup.NearDupIndex(directory=tmp_path) as near, dedup.ExactIndex(tmp_path) as exact:
+        assert (near.bands, near.rows_per_band) == (reference.b, reference.r)
+        assert len(list(tmp_path.glob("edgeft-dedup-*/index.sqlite"))) == 2
+        for i, text in enumerate(texts):
+            sig = near.signature(text)
+            similar = {c: float(np.mean(reference_sigs[c] == sig.hashvalues)) for c in reference.query(sig)}
+            expected = {c: j for c, j in similar.items() if j >= 0.8}
+            hit = near.find(sig)
+            if expected:
+                assert hit is not None and hit[1] == max(expected.values()) and hit[0] in expected, i
+            else:
+                assert hit is None, i
+                near.add(i, sig)
+                reference.insert(i, sig)
+                reference_sigs[i] = sig.hashvalues.copy()
+            assert exact.first_of(text.upper(), i) is None and exact.first_of(" " + text, i + 1000) == i
+        assert sum(i >= 60 for i in reference_sigs) <= 2  # (almost) every planted near duplicate was found
+    assert list(tmp_path.iterdir()) == []  # closing removed the databases
+
+def test_clean_language_filter_keeps_only_the_named_languages(tmp_path):
+    rows = [{"text": "The new kettle boils water quickly and switches itself off when the jug is lifted."},
+            {"text": "La nouvelle bouilloire fait bouillir l'eau rapidement et s'éteint toute seule."},
+            {"text": "Der neue Wasserkocher kocht das Wasser schnell und schaltet sich von selbst ab."},
+            {"text": "My daughter loves the bright colours and the strap is strong enough for school."},
+            {"text": "Je recommande ce produit à tous mes amis, la livraison était très rapide."}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    r = invoke("clean", src, "--output", tmp_path / "en.jsonl", "--language", "en")
+    assert r.exit_code == 0, r.output
+    assert read_jsonl(tmp_path / "en.jsonl") == [rows[0], rows[3]]
+    report = json.loads((tmp_path / "en.report.json").read_text())
+    assert report["reasons"]["dropped: language"] == 3 and report["counts"]["dropped"] == 3
+    assert report["examples"]["dropped: language"][0].startswith("line 2: detected fr (")
+    assert "| dropped: language | 3 |" in (tmp_path / "en.report.md").read_text()
+
+    assert invoke("clean", src, "--output", tmp_path / "fr_de.jsonl", "--language", "fr,de").exit_code == 0
+    assert read_jsonl(tmp_path / "fr_de.jsonl") == [rows[1], rows[2], rows[4]]
+    assert invoke("clean", src, "--output", tmp_path / "none.jsonl", "--language", "en",
+                  "--min-language-confidence", "1").exit_code == 0
+    assert read_jsonl(tmp_path / "none.jsonl") == []  # no detection is that certain
+
+    r = invoke("clean", src, "--output", tmp_path / "x.jsonl", "--language", "xx1")
+    assert r.exit_code == 2 and "--language: unknown ISO 639-1 code(s) xx1" in r.output  # a ConfigError
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.jsonl").exists()
+
+
 def _split_rows() -> list[dict]:
     import random
 

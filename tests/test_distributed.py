@@ -1,12 +1,15 @@
 """Data-parallel training on CPU: two gloo processes on a tiny model, launched the ways users launch them
-(``edgeft train --num-processes 2`` and ``torchrun -m edgeft``), against one process."""
+(``edgeft train --num-processes 2``, ``torchrun -m edgeft``, two ``--nnodes 2`` "nodes" on loopback),
+replicated (DDP) and sharded (FSDP), against one process."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import cli
+from edgeft.config import TrainConfig
 from edgeft.train.checkpoint import resume_batch_problem
 from edgeft.train.distributed import World, shard
-from edgeft.train.launch import relay_rank_lines
+from edgeft.train.launch import relay_rank_lines, rendezvous_args, torchrun_command
 
 torch_distributed = pytest.importorskip("torch.distributed")
 pytestmark = pytest.mark.skipif(not torch_distributed.is_available(), reason="torch built without distributed")
@@ -159,3 +163,147 @@ def test_relay_keeps_rank_lines_and_drops_torchrun_reports():
     relay_rank_lines(io.StringIO(torchrun), sink)
     assert sink.getvalue().splitlines() == ["step 1/2  loss 1.0", "edgeft: error: rank 0: another process of this run stopped",
                                             "edgeft: error: rank 1: boom"]
+
+
+# Sharded (FSDP) and multi-node runs: the same four steps as one process at batch 4, checkpoint at step 2.
+STEPS = ["--max-steps", "4", "--grad-accum", "2", "--eval-every", "2", "--save-every", "2"]
+
+
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_weights(a: Path, b: Path, name: str = "adapter_model.safetensors") -> None:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / name)), load_file(str(b / name))
+    assert x.keys() == y.keys()  # a tied output head is written once, as one process writes it
+    for key in x:
+        assert (x[key] - y[key]).abs().max().item() < 1e-5, key
+
+
+def assert_same_losses(a: Path, b: Path) -> None:
+    assert losses(b, "loss") == pytest.approx(losses(a, "loss"), rel=1e-5)
+    assert losses(b, "eval_loss") == pytest.approx(losses(a, "eval_loss"), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lora_args(tiny_llama_dir, task_file) -> list[str]:
+    return ["--model", str(tiny_llama_dir), "--data", str(task_file), *COMMON, *STEPS]
+
+
+@pytest.fixture(scope="module")
+def lora_one(tmp_path_factory, lora_args) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "one"
+    train_here(*lora_args, "--batch-size", "4", "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_fsdp(tmp_path_factory, lora_args) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("lora") / "fsdp"
+    proc = run_ok(edgeft_cmd(*lora_args, "--batch-size", "2", "--num-processes", "2", "--sharding", "fsdp",
+                             "--output", str(out)))
+    return out, proc
+
+
+def test_fsdp_two_processes_at_batch_b_equal_one_process_at_batch_2b(lora_one, lora_fsdp):
+    out, proc = lora_fsdp
+    assert "lora on cpu x 2 processes (FSDP, global batch 8)" in proc.stderr  # the weights really were sharded
+    assert proc.stdout.count("trained 4 steps") == 1
+    assert_same_weights(lora_one, out)
+    assert_same_losses(lora_one, out)
+    record = json.loads((out / "edgeft-run.json").read_text())
+    assert record["processes"] == 2 and record["config"]["sharding"] == "fsdp" and record["status"] == "completed"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_fsdp_full_and_qlora_equal_one_process(tmp_path, lora_args, method):
+    """Full fine-tuning: every weight sharded (the model file gathered whole); QLoRA: the 4-bit base
+    kept whole on each process, the LoRA and 32-bit weights sharded."""
+    args = [*lora_args, "--method", method, "--lr", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = run_ok(edgeft_cmd(*args, "--batch-size", "2", "--num-processes", "2", "--sharding", "fsdp",
+                             "--output", str(two)))
+    assert "x 2 processes (FSDP" in proc.stderr
+    train_here(*args, "--batch-size", "4", "--output", str(one))
+    assert_same_weights(one, two, "model.safetensors" if method == "full" else "adapter_model.safetensors")
+    assert_same_losses(one, two)
+
+
+def test_resume_from_an_fsdp_checkpoint_on_one_process(tmp_path, lora_args, lora_one, lora_fsdp):
+    """The FSDP checkpoint (weights and AdamW moments gathered whole) continues on 1 process x batch 4
+    to the adapter the uninterrupted one-process run ends with."""
+    out = tmp_path / "resumed"
+    shutil.copytree(lora_fsdp[0], out)
+    train_here(*lora_args, "--batch-size", "4", "--output", str(out), "--resume")
+    assert_same_weights(lora_one, out)
+    assert_same_losses(lora_one, out)
+    record = json.loads((out / "edgeft-run.json").read_text())
+    assert record["processes"] == 1 and record["steps"] == 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_equal_one_process_at_batch_2b(tmp_path, lora_args, lora_one):
+    """Two `edgeft train --nnodes 2` commands, one per "node", meet at node 0 (torchrun's static rendezvous)."""
+    out, port = tmp_path / "two-nodes", str(free_port())
+    nodes = [subprocess.Popen(edgeft_cmd(*lora_args, "--batch-size", "2", "--num-processes", "1", "--nnodes", "2",
+                                         "--node-rank", str(k), "--master-addr", "127.0.0.1", "--master-port", port,
+                                         "--output", str(out)),
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stderr[-3000:]
+    assert "trained 4 steps" in results[0][0] and "trained" not in results[1][0]  # node 0 has rank 0
+    assert_same_weights(lora_one, out)
+    assert_same_losses(lora_one, out)
+    assert json.loads((out / "edgeft-run.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2: must be 0 .. 1 with --nnodes 2"),
+    (["--nnodes", "0"], "--nnodes must be >= 1, got 0"),
+    (["--nnodes", "2", "--node-rank", "1"], "--nnodes 2 needs --master-addr"),
+    (["--master-port", "70000"], "--master-port must be a TCP port"),
+    (["--sharding", "fsdp", "--method", "prompt-tuning", "--optimizer", "adamw"], "--sharding fsdp supports --method"),
+    (["--sharding", "fsdp"], "--sharding fsdp needs --optimizer adamw"),
+])
+def test_bad_multi_node_and_sharding_values_are_one_line_errors(task_file, tmp_path, args, expected):
+    result = CliRunner().invoke(cli, ["train", "--data", str(task_file), "--output", str(tmp_path / "o"), *args])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_gets_the_static_rendezvous_of_a_multi_node_run(tmp_path):
+    node = TrainConfig(nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29400, dist_timeout=90)
+    cmd = torchrun_command(4, tmp_path / "c.json", resume=False, overwrite=False, rendezvous=rendezvous_args(node))
+    assert cmd[1:9] == ["-m", "torch.distributed.run", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1",
+                        "--master-port=29400", "--rdzv-conf=timeout=90", "--nproc-per-node=4"]
+    assert rendezvous_args(TrainConfig()) == ["--standalone"]
+
+
+def test_relay_returns_torchrun_own_error_when_no_rank_printed_one():
+    """A node that cannot reach node 0: torchrun's traceback and C++ trace are dropped, its error kept."""
+    torchrun = ("[E1130 15:18:36.664846014 socket.cpp:1028] [c10d] The client socket has timed out\n"
+                "Exception raised from throwTimeoutError at socket.cpp:1030 (most recent call first):\n"
+                "frame #0: c10::Error::Error(c10::SourceLocation) + 0x9d (0x7f58 in libc10.so)\n"
+                "<omitting python frames>\n"
+                "\n"
+                "Traceback (most recent call last):\n  File \"run.py\", line 1\n"
+                "torch.distributed.DistNetworkError: The client socket has timed out after 3000ms while trying "
+                "to connect to (127.0.0.1, 29779).\n")
+    sink = io.StringIO()
+    assert relay_rank_lines(io.StringIO(torchrun), sink).startswith(
+        "torch.distributed.DistNetworkError: The client socket has timed out")
+    assert sink.getvalue() == ""
+    assert relay_rank_lines(io.StringIO("edgeft: error: rank 0: boom\n" + torchrun), io.StringIO()) is None

@@ -50,17 +50,22 @@ def test_label_set_rule_and_intervals():
     assert gen["kind"] == "generation" and gen["ci"]["exact_match"][0] <= 0.5 <= gen["ci"]["exact_match"][1]
 
 
-def test_eval_command_on_a_tiny_adapter(tmp_path, tiny_lora_adapter):
+def run_eval(adapter, rows: list[dict], out):
+    """``edgeft eval`` of ``adapter`` on ``rows``: the CLI result and eval.json."""
     from edgeft.cli import cli
 
-    data = tmp_path / "eval.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Colour of item {i}?", "output": ["red", "blue"][i % 2]}) + "\n"
-                            for i in range(6)))
-    out = tmp_path / "ev"
-    r = CliRunner().invoke(cli, ["eval", "--model", str(tiny_lora_adapter), "--data", str(data), "--output", str(out),
+    data = out.parent / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = CliRunner().invoke(cli, ["eval", "--model", str(adapter), "--data", str(data), "--output", str(out),
                                  "--answer-tokens", "4", "--threads", "1", "--resamples", "100"])
     assert r.exit_code == 0, r.output
-    result = json.loads((out / "eval.json").read_text())
+    return r, json.loads((out / "eval.json").read_text())
+
+
+def test_eval_command_on_a_tiny_adapter(tmp_path, tiny_lora_adapter):
+    out = tmp_path / "ev"
+    _, result = run_eval(tiny_lora_adapter, [{"instruction": f"Colour of item {i}?", "output": ["red", "blue"][i % 2]}
+                                             for i in range(6)], out)
     m = result["task_metrics"]
     assert result["rows"] == 6 and m["kind"] == "classification" and result["perplexity"] > 1
     refs = [a["reference"] for a in result["answers"]]
@@ -68,3 +73,43 @@ def test_eval_command_on_a_tiny_adapter(tmp_path, tiny_lora_adapter):
     assert m["accuracy"] == classification_metrics(preds, refs)["accuracy"]
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Task metrics" in (out / "eval.md").read_text()
+
+
+def test_metrics_by_task_score_each_tasks_rows_on_their_own():
+    from runtime.taskmetrics import NO_TASK, metrics_by_task
+
+    preds = PREDS + ["a b c d e", "x y", "free"]
+    refs = REFS + ["a b c d f", "x y", "text"]
+    tasks = ["sentiment"] * 6 + ["summary", "summary", None]
+    by_task = metrics_by_task(preds, refs, tasks, resamples=200)
+    assert list(by_task) == [NO_TASK, "sentiment", "summary"]
+    assert by_task["sentiment"] == task_metrics(PREDS, REFS, resamples=200)  # labels: accuracy 4/6 with its interval
+    assert by_task["sentiment"]["accuracy"] == pytest.approx(4 / 6)
+    assert by_task["summary"]["kind"] == "generation" and by_task["summary"]["exact_match"] == 0.5
+    assert by_task[NO_TASK]["rows"] == 1
+    assert metrics_by_task(PREDS, REFS, [None] * 6) is None
+
+
+def _two_task_rows() -> list[dict]:
+    rows = [{"instruction": f"Colour of item {i}?", "output": ["red", "blue"][i % 2], "task": "colour"} for i in range(6)]
+    rows += [{"instruction": f"Repeat the phrase {w}", "output": f"the {w} sat on the mat", "task": "echo"}
+             for w in ("cat", "dog", "bird")]
+    return rows
+
+
+def test_eval_reports_each_task(tmp_path, tiny_lora_adapter):
+    from runtime.taskmetrics import metrics_by_task
+
+    out = tmp_path / "ev"
+    r, result = run_eval(tiny_lora_adapter, _two_task_rows(), out)
+    answers = result["answers"]
+    assert [a["task"] for a in answers] == ["colour"] * 6 + ["echo"] * 3
+    expected = metrics_by_task([a["generated"] for a in answers], [a["reference"] for a in answers],
+                               [a["task"] for a in answers], resamples=100)
+    by_task = result["task_metrics_by_task"]
+    assert list(by_task) == ["colour", "echo"] and by_task == json.loads(json.dumps(expected))
+    assert by_task["colour"]["kind"] == "classification" and by_task["colour"]["rows"] == 6
+    assert by_task["echo"]["kind"] == "generation" and "bleu" in by_task["echo"]
+    md = (out / "eval.md").read_text()
+    assert "## Task metrics per task" in md and "task `colour` (classification, 6 rows): accuracy " in md
+    assert "task colour: 6 rows, classification" in r.output

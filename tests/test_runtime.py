@@ -79,7 +79,8 @@ def eval_file(adapter) -> Path:
     from edgeft.tasks import make_rows
 
     path = adapter.parent / "eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(EVAL_ROWS, seed=7)))
+    rows = [r | {"task": "set1" if i < EVAL_ROWS // 2 else "set2"} for i, r in enumerate(make_rows(EVAL_ROWS, seed=7))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # two tasks: bench also scores each on its own
     return path
 
 
@@ -166,6 +167,23 @@ def test_report_fields_files_and_strict_exit(bench_run, artifacts):
     assert md.count("\n| ") == 1 + 4 and "FLAGGED" in md  # header + one row per model
 
 
+def test_report_scores_each_task(bench_run):
+    from runtime.taskmetrics import task_metrics
+
+    _, out = bench_run
+    report = json.loads((out / "report.json").read_text())
+    for e in report["entries"]:
+        answers, by_task = e["answers"], e["task_metrics_by_task"]
+        assert list(by_task) == ["set1", "set2"] and [a["task"] for a in answers] == ["set1"] * 4 + ["set2"] * 4
+        for task, metrics in by_task.items():
+            rows = [a for a in answers if a["task"] == task]
+            assert metrics["rows"] == 4
+            expected = task_metrics([a["generated"] for a in rows], [a["reference"] for a in rows])
+            assert metrics == json.loads(json.dumps(expected)), (e["name"], task)
+    md = (out / "report.md").read_text()
+    assert "## Task metrics per task" in md and md.count("task `set1` (") == len(report["entries"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors before any model runs: one line each
 
@@ -244,6 +262,7 @@ def test_thresholds_by_precision_and_accuracy_drop():
     assert top1_bar("gguf", "f16") == top1_bar("onnx", "fp32") == top1_bar("merged", "fp32") == TOP1_MIN["lossless"]
     assert top1_bar("gguf", "q8_0") == top1_bar("onnx", "int8") == 0.98
     assert top1_bar("gguf", "q4_k_m") == top1_bar("onnx", "int4") == 0.95
+    assert top1_bar("executorch", "8da8w") == 0.98 and top1_bar("executorch", "8da4w") == 0.95
     entry = {"kind": "gguf", "precision": "q4_k_m", "top1_agreement": 0.96, "task_accuracy": 0.80}
     assert flags_for(entry, reference_accuracy=0.805) == []
     assert flags_for(entry, reference_accuracy=0.82) == ["task accuracy 0.8000 < reference 0.820 - 0.01"]

@@ -5,6 +5,7 @@ the end of its test (``running_server`` is a context manager)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -68,17 +69,23 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def _expected(gguf: Path, tok, stop_ids, *, adapter: Path | None = None, max_new: int = 16) -> tuple[str, int, int]:
-    """(text, prompt tokens, completion tokens) of the runtime's greedy decoding of HI."""
-    prompt = list(tok.apply_chat_template(HI, add_generation_prompt=True, tokenize=True))
+def _expected(gguf: Path, tok, stop_ids, *, adapter: Path | None = None, max_new: int = 16,
+              messages: list[dict] = HI) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of the runtime's greedy decoding of ``messages`` (a fresh cache)."""
     backend = GgufBackend(gguf, threads=1, n_ctx=256)
     try:
         if adapter is not None:
             backend.load_adapter("task", adapter)
             backend.use_adapter("task")
-        ids = greedy(backend, prompt, max_new, stop_ids=sorted(stop_ids))
+        return _greedy_answer(backend, tok, stop_ids, max_new, messages)
     finally:
         backend.close()
+
+
+def _greedy_answer(backend, tok, stop_ids, max_new: int = 16, messages: list[dict] = HI) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of ``backend``'s greedy decoding of ``messages``."""
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    ids = greedy(backend, prompt, max_new, stop_ids=sorted(stop_ids))
     if ids and ids[-1] in stop_ids:
         ids = ids[:-1]
     return tok.decode(ids, skip_special_tokens=True), len(prompt), len(ids)
@@ -143,6 +150,126 @@ def test_gguf_lora_file_is_llama_cpp_adapter_format(lora_files):
     assert {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_down.weight.lora_b"} <= names
     assert len(names) == 2 * 2 * 7  # 2 layers x 7 linear layers x (a, b)
     assert passed_and_bound(path)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_shared_prompt_prefix_is_not_evaluated_again(base_gguf, lora_files, tok):
+    system = {"role": "system", "content": "You answer questions about colours, briefly and politely. " * 4}
+    asks = [[system, {"role": "user", "content": q}] for q in ("Name three colours.", "Name two animals.")]
+    prompts = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)) for m in asks]
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts)) if a != b)
+    assert shared > 40
+    with running_server(_config(base_gguf, adapters=lora_files)) as (engine, url):  # one slot: one cache
+        client = _client(url)
+        calls = [(engine.model_id, asks[0]), (engine.model_id, asks[1]), ("topic", asks[1]), ("topic", asks[1])]
+        got, reused = [], []
+        for model, messages in calls:
+            answer = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+            got.append(answer.choices[0].message.content)
+            reused.append(_metric(url, "edgeft_prompt_tokens_reused_total") - sum(reused))
+        want = [_expected(base_gguf, tok, engine.codec.stop_ids, messages=m, max_new=12,
+                          adapter=lora_files["topic"] if model == "topic" else None)[0] for model, m in calls]
+    assert got == want  # each answer as from a fresh cache
+    # a fresh cache, the shared prefix, a new adapter (other weights: nothing kept), the whole prompt but its last token
+    assert reused == [0, shared, 0, len(prompts[1]) - 1]
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("peft")
+    return {name: make_adapter(tiny_llama_dir, root / name, qlora=False, seed=seed)
+            for seed, name in ((1, "sentiment"), (2, "topic"))}
+
+
+def test_peft_adapters_selected_per_request_on_a_pytorch_base(tiny_llama_dir, peft_adapters, tok):
+    from runtime.artifacts import MERGED, UNMERGED
+    from runtime.backends import TorchBackend
+
+    cfg = _config(tiny_llama_dir, adapters=peft_adapters, slots=2, name="base")
+    with running_server(cfg) as (engine, url):
+        stop = engine.codec.stop_ids
+        want = {name: _greedy_answer(TorchBackend(path, kind=UNMERGED, threads=1), tok, stop, 8)[0]
+                for name, path in peft_adapters.items()}  # each adapter alone, as `edgeft train` left it
+        want["base"] = _greedy_answer(TorchBackend(tiny_llama_dir, kind=MERGED, threads=1), tok, stop, 8)[0]
+        assert len(set(want.values())) == 3
+        client = _client(url)
+
+        def ask(model: str) -> str:
+            return client.chat.completions.create(model=model, messages=HI, max_tokens=8, temperature=0
+                                                  ).choices[0].message.content
+
+        order = ["sentiment", "topic", "base", "topic", "sentiment", "base"]
+        assert [ask(m) for m in order] == [want[m] for m in order]
+        with ThreadPoolExecutor(4) as pool:  # two slots decode different adapters on the same weights at once
+            assert list(pool.map(ask, order * 2)) == [want[m] for m in order * 2]
+        assert sorted(m.id for m in client.models.list()) == ["base", "sentiment", "topic"]
+
+
+def test_adapters_must_fit_the_served_base(tmp_path, tiny_llama_dir, smol_tokenizer_dir, base_gguf, peft_adapters):
+    from conftest import make_tiny_llama
+
+    from runtime.serve.engine import Engine
+
+    other = make_tiny_llama(tmp_path / "wide", smol_tokenizer_dir, hidden=96)
+    wrong = make_adapter(other, tmp_path / "wrong", qlora=False)
+    kw = dict(slots=1, threads=1, n_ctx=128, allow_unverified=False)
+    with pytest.raises(EdgeftError, match=r"--adapter x=.*wrong: trained on .*wide, not on .*hidden_size 96 vs 64"):
+        Engine(tiny_llama_dir, adapters={"x": wrong}, **kw)
+    with pytest.raises(EdgeftError, match="not a GGUF adapter file"):
+        Engine(base_gguf, adapters={"x": peft_adapters["topic"]}, **kw)
+    with pytest.raises(EdgeftError, match="not a PEFT adapter directory"):
+        Engine(tiny_llama_dir, adapters={"x": base_gguf}, **kw)
+    with pytest.raises(EdgeftError, match="no verification record"):  # without adapters, a plain model is unverified
+        Engine(tiny_llama_dir, **kw)
+
+
+def test_gguf_lora_eval_rows_decide_with_task_accuracy(tmp_path, tiny_llama_dir, base_gguf, tok):
+    """Rows whose answers are the merged model's own greedy answers: the reference scores 100%; the record's
+    task accuracy of the base GGUF + adapter is that of llama.cpp's own greedy answers, computed here apart.
+    (The random tiny model has near-ties that llama.cpp's f16 weights and KV cache may flip, so a row or two
+    can differ.)"""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.core.answers import normalise_answer
+    from export.evalrows import load_eval_rows, reference_answers
+    from export.gguf_lora import export_gguf_lora
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "task", qlora=False, seed=3)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                                       str(adapter)).merge_and_unload().eval()
+    rows = [{"instruction": f"Colour of item {i}?", "output": "?"} for i in range(8)]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = load_eval_rows(data, tok)
+    for row, ids in zip(rows, reference_answers(merged, tok, evals).answers):
+        row["output"] = tok.decode([t for t in ids if t not in evals.stop_ids], skip_special_tokens=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "task.lora.gguf"
+    record = export_gguf_lora(adapter, base_gguf, out, eval_data=data)
+    on_rows = record.metrics["eval_rows"]
+    backend = GgufBackend(base_gguf, threads=1, n_ctx=256)
+    try:
+        backend.load_adapter("task", out)
+        backend.use_adapter("task")
+        answers = [greedy(backend, r.ids[: r.prompt_len], 16, evals.stop_ids) for r in load_eval_rows(data, tok).rows]
+    finally:
+        backend.close()
+    texts = [tok.decode([t for t in a if t not in evals.stop_ids], skip_special_tokens=True) for a in answers]
+    hits = [normalise_answer(t) == normalise_answer(r["output"]) for t, r in zip(texts, rows)]
+    assert on_rows["rows"] == 8 and on_rows["reference_task_accuracy"] == 1.0
+    assert on_rows["task_accuracy"] == sum(hits) / 8 >= 0.5  # the adapter is applied: the base alone scores 0
+    diff = on_rows["task_accuracy_diff"]
+    assert diff["difference"] == on_rows["task_accuracy"] - 1.0 and diff["low"] <= diff["difference"] <= diff["high"]
+    checks = {c.name: c for c in record.checks}  # the rows decide; the generic samples stay recorded
+    assert checks["top1_agreement"].value == round(on_rows["top1_agreement"], 4) and "logits" in record.metrics
+    assert checks["task_accuracy_supported_drop"].value == round(on_rows["supported_drop"], 4)
 
 
 def test_key_required(base_gguf):

@@ -91,3 +91,97 @@ def test_knob_validation_names_each_flag(tmp_path):
         validate(cfg)
     for flag in ("--lr-gamma", "--lr-milestones", "--layer-lr-decay", "--loraplus-lr-ratio"):
         assert flag in e.value.message
+
+
+def _task_examples(sizes: dict[str, int]):
+    from edgeft.data import Tokenized
+
+    tasks = [task for task, n in sizes.items() for _ in range(n)]
+    return [Tokenized([1] * (3 + i % 5), [1] * (3 + i % 5), i + 1, task) for i, task in enumerate(tasks)]
+
+
+def test_task_weights_give_each_task_its_share_of_an_epoch(tmp_path):
+    from collections import Counter
+
+    from edgeft.train.batches import plan_batches
+
+    examples = _task_examples({"sentiment": 30, "topic": 90})
+    cfg = TrainConfig(data=str(tmp_path / "d.jsonl"), batch_size=4, seed=3, task_weights="sentiment=2,topic=1")
+    batches, _ = plan_batches(cfg, examples)
+
+    def seen(epoch: int, b=batches) -> Counter:
+        return Counter(i for batch in b.epoch_order(epoch) for i in batch)
+
+    for epoch in range(3):
+        rows = seen(epoch)
+        per_task = Counter(examples[i].task for i in rows.elements())
+        # 120 rows per epoch; sentiment fills 120 x 30*2 / (30*2 + 90*1) = 48 of them, topic 72.
+        assert per_task == {"sentiment": 48, "topic": 72}
+        # Each sentiment row is seen 1.6 times per epoch, each topic row 0.8 times: twice as often.
+        assert {rows[i] for i in range(30)} == {1, 2} and {rows[i] for i in range(30, 120)} <= {0, 1}
+    # Over five epochs every topic row comes round, and the per-row rates keep their 2:1 ratio.
+    total = sum((seen(e) for e in range(5)), Counter())
+    assert sum(total[i] for i in range(30)) / 30 == pytest.approx(2 * sum(total[i] for i in range(30, 120)) / 90)
+    assert batches.epoch_order(1) == plan_batches(cfg, examples)[0].epoch_order(1)  # the seed decides the order
+    other = TrainConfig(data=cfg.data, batch_size=4, seed=4, task_weights=cfg.task_weights)
+    assert plan_batches(other, examples)[0].epoch_order(1) != batches.epoch_order(1)
+    # Without weights an epoch is a permutation: every row once, the natural 1:3 proportion.
+    plain, _ = plan_batches(TrainConfig(data=cfg.data, batch_size=4, seed=3), examples)
+    assert sorted(seen(0, plain)) == list(range(120)) and set(seen(0, plain).values()) == {1}
+
+
+def test_task_weights_errors_name_the_flag_or_field(tmp_path):
+    from edgeft.cli import cli
+    from click.testing import CliRunner
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b", "task": "sentiment"}\n'
+                    '{"prompt": "c", "completion": "d", "task": "topic"}\n')
+    untagged = tmp_path / "u.jsonl"
+    untagged.write_text('{"prompt": "a", "completion": "b", "task": "sentiment"}\n{"prompt": "c", "completion": "d"}\n')
+
+    def train(*args) -> tuple[int, str]:
+        r = CliRunner().invoke(cli, ["train", "--output", str(tmp_path / "o"), "--overwrite", *map(str, args)])
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("edgeft: error:")]
+        assert len(lines) == 1, r.output
+        return r.exit_code, lines[0]
+
+    for weights, message in (("sentiment=2,topic", "'topic' is not task=weight"),
+                             ("sentiment=0", "weight of task 'sentiment' must be a number > 0, got 0"),
+                             ("sentiment=1,topic=x", "'topic=x' is not task=weight")):
+        code, line = train("--data", data, "--task-weights", weights)
+        assert code == 2 and line.startswith(f"edgeft: error: --task-weights: {message}"), line
+    code, line = train("--data", data, "--task-weights", "sentiment=2", "--packing")
+    assert code == 2 and "--task-weights does not work with --packing" in line
+    code, line = train("--data", data, "--task-weights", "sentiment=2,news=1")
+    assert code == 1 and "--task-weights names task(s) news with no rows in" in line
+    code, line = train("--data", untagged, "--task-weights", "sentiment=2")
+    assert code == 1 and "u.jsonl:2: missing field 'task' (--task-weights" in line
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b", "task": 3}\n')
+    code, line = train("--data", bad)
+    assert code == 1 and "b.jsonl:1: field 'task' must be a non-empty string" in line
+
+
+def test_task_weights_recorded_in_the_run_record(tmp_path, tiny_llama_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Item {i}?", "output": "red", "task": ["a", "b", "b"][i % 3]})
+                            + "\n" for i in range(12)))
+    config = tmp_path / "c.yaml"
+    config.write_text("task_weights: {a: 3}\n")  # the YAML mapping form; task b weighs 1
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--config", str(config), "--model", str(tiny_llama_dir), "--data", str(data),
+                                 "--output", str(out), "--method", "lora", "--max-steps", "1", "--batch-size", "4",
+                                 "--max-seq-len", "64", "--eval-split", "0", "--optimizer", "adamw"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "edgeft-run.json").read_text())
+    assert record["config"]["task_weights"] == "a=3"
+    # 12 rows: a has 4 (weight 3), b has 8 (weight 1); a fills 12 x 12 / 20 = 7.2 -> 7 rows of each epoch.
+    assert record["data"]["tasks"] == {"weighted": True, "tasks": {
+        "a": {"rows": 4, "weight": 3.0, "rows_per_epoch": 7}, "b": {"rows": 8, "weight": 1.0, "rows_per_epoch": 5}}}

@@ -36,6 +36,7 @@ class Row:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    task: str | None = None  # the row's optional ``task`` field (multi-task data)
 
 
 @dataclass
@@ -192,10 +193,27 @@ def _messages(items: Any, where: str, field_name: str, role_key: str, content_ke
     return out
 
 
+def _task(rec: dict, where: str) -> str | None:
+    """The optional ``task`` field: a non-empty string naming the row's task."""
+    value = rec.get("task")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field 'task' must be a non-empty string naming the row's task, got {value!r}"[:300])
+    return value.strip()
+
+
 def normalise(rec: Any, schema: str, path: Path, line: int) -> Row:
     where = f"{path}:{line}"
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object with named fields, got {type(rec).__name__}")
+    row = _content(rec, schema, where, line)
+    row.task = _task(rec, where)
+    return row
+
+
+def _content(rec: dict, schema: str, where: str, line: int) -> Row:
+    """The row's messages, prompt/completion or text under ``schema``."""
     if schema == "chat":
         return Row(line, messages=_messages(rec.get("messages"), where, "messages", "role", "content", {r: r for r in ROLES}))
     if schema == "sharegpt":

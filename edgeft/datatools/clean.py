@@ -1,7 +1,7 @@
 """``edgeft data clean``: one streaming pass that cleans every text field (Unicode normalisation,
 HTML, control characters, whitespace), drops rows outside the length bounds or below the quality
-bars, drops exact duplicates (normalised text) and near duplicates (MinHash-LSH), and writes the
-kept rows plus a report of every change and every dropped row.
+bars, rows not in the ``--language`` list, exact duplicates (normalised text) and near duplicates
+(MinHash-LSH), and writes the kept rows plus a report of every change and every dropped row.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from edgeft.core.errors import ConfigError, DataError
 from edgeft.core.progress import say
 from edgeft.core.rows import normalise
-from edgeft.datatools.dedup import ExactIndex, NearDupIndex
+from edgeft.datatools.dedup import ExactIndex, NearDupIndex, open_indexes
 from edgeft.datatools.report import DataReport, report_prefix
 from edgeft.datatools.stream import check_input, check_output, first_schema, read_records, row_text, text_slots
 from edgeft.datatools.textclean import NORMAL_FORMS, clean_text, repetition_ratio, symbol_ratio
@@ -40,6 +40,8 @@ class CleanConfig:
     near_dup: bool = True
     near_dup_threshold: float = 0.8
     num_perm: int = 128
+    languages: tuple[str, ...] = ()  # ISO 639-1 codes to keep (empty: no language filter)
+    min_language_confidence: float = 0.5
     skip_bad_rows: bool = False
 
     def validate(self) -> None:
@@ -56,6 +58,9 @@ class CleanConfig:
         for name in ("max_repetition", "max_symbol_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 p.append(f"--{name.replace('_', '-')} must be in [0, 1]")
+        from edgeft.datatools.language import language_problems
+
+        p += language_problems(self.languages, self.min_language_confidence)
         if p:
             raise ConfigError("; ".join(p))
 
@@ -70,6 +75,11 @@ class _RowFilter:
             from edgeft.datatools.tokens import tokenizer_for
 
             self.tok = tokenizer_for(cfg.model)
+        self.language = None
+        if cfg.languages:
+            from edgeft.datatools.language import LanguageFilter
+
+            self.language = LanguageFilter(cfg.languages, cfg.min_language_confidence)
 
     def reason(self, text: str) -> str | None:
         cfg, chars = self.cfg, len(text.replace("\x1f", ""))
@@ -93,11 +103,11 @@ class _RowFilter:
 class _Cleaner:
     """The per-row decisions of one clean run, and the report they fill."""
 
-    def __init__(self, cfg: CleanConfig, schema: str, report: DataReport):
+    def __init__(self, cfg: CleanConfig, schema: str, report: DataReport, exact: ExactIndex | None,
+                 near: NearDupIndex | None):
         self.cfg, self.schema, self.report = cfg, schema, report
         self.filter = _RowFilter(cfg)
-        self.exact = ExactIndex() if cfg.dedup else None
-        self.near = NearDupIndex(cfg.near_dup_threshold, cfg.num_perm) if cfg.near_dup else None
+        self.exact, self.near = exact, near
 
     def check(self, rec: Any, line: int) -> None:
         """A trainer-readable row (``file:line: field`` error otherwise); raw tables are not checked."""
@@ -123,6 +133,10 @@ class _Cleaner:
         reason = self.filter.reason(text)
         if reason:
             return self._drop(reason, f"{where}: {text}")
+        if self.filter.language is not None:
+            detected = self.filter.language.rejects(text.replace("\x1f", "\n"))
+            if detected:
+                return self._drop("language", f"{where}: {detected}: {text}")
         return self._unless_duplicate(rec, line, text)
 
     def _unless_duplicate(self, rec: Any, line: int, text: str) -> Any | None:
@@ -144,15 +158,9 @@ class _Cleaner:
         return None
 
 
-def clean_file(cfg: CleanConfig) -> DataReport:
-    """Clean ``cfg.source`` into ``cfg.output`` (JSON Lines) and write ``OUTPUT.report.{json,md}``."""
-    cfg.validate()
-    source = check_input(cfg.source)
-    output = check_output(source, cfg.output, overwrite=cfg.overwrite)
-    schema = "columns" if cfg.columns else first_schema(source, cfg.schema, skip_bad=cfg.skip_bad_rows)
-    report = DataReport("clean", str(source), options={k: str(v) for k, v in asdict(cfg).items()})
-    report.figures["schema"] = schema
-    cleaner = _Cleaner(cfg, schema, report)
+def _clean_rows(cleaner: _Cleaner, source: Path, output: Path) -> None:
+    """Stream ``source`` through ``cleaner`` into ``output``, counting rows in the report."""
+    cfg, report = cleaner.cfg, cleaner.report
     with jsonl_output(output) as out:
         for line, rec in read_records(source, skip_bad=cfg.skip_bad_rows, on_bad=report.skip):
             report.counts["read"] += 1
@@ -167,6 +175,21 @@ def clean_file(cfg: CleanConfig) -> DataReport:
             if kept is not None:
                 out.write(kept)
         report.counts["written"] = out.rows
+
+
+def clean_file(cfg: CleanConfig) -> DataReport:
+    """Clean ``cfg.source`` into ``cfg.output`` (JSON Lines) and write ``OUTPUT.report.{json,md}``."""
+    cfg.validate()
+    source = check_input(cfg.source)
+    output = check_output(source, cfg.output, overwrite=cfg.overwrite)
+    schema = "columns" if cfg.columns else first_schema(source, cfg.schema, skip_bad=cfg.skip_bad_rows)
+    report = DataReport("clean", str(source), options={k: str(v) for k, v in asdict(cfg).items()})
+    report.figures["schema"] = schema
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # The duplicate indexes' databases go next to the output.
+    with open_indexes(output.parent, exact=cfg.dedup, near=cfg.near_dup, threshold=cfg.near_dup_threshold,
+                      num_perm=cfg.num_perm) as (exact, near):
+        _clean_rows(_Cleaner(cfg, schema, report, exact, near), source, output)
     report.outputs = [str(output)]
     paths = report.write(report_prefix(output))
     say(f"clean: {report.counts['read']:,} rows read, {report.counts['written']:,} written, "

@@ -97,20 +97,26 @@ def convert_cmd(file: Path, to: str, output: Path, template: str | None, output_
               help="Drop rows whose share of repeated word 3-grams is above this (1 turns it off).")
 @click.option("--max-symbol-ratio", type=float, default=0.5, show_default=True,
               help="Drop rows whose share of symbol characters is above this (1 turns it off).")
+@click.option("--language", "languages", callback=_columns, default=None,
+              help="Keep only rows in these languages, ISO 639-1 codes comma-separated (e.g. en or en,de; py3langid).")
+@click.option("--min-language-confidence", type=float, default=0.5, show_default=True,
+              help="With --language: drop rows whose detected language has a lower probability.")
 @click.option("--dedup/--no-dedup", default=True, show_default=True, help="Drop exact duplicates (normalised text).")
 @_near_dup_options
 @_common
 def clean_cmd(file: Path, output: Path, columns: tuple[str, ...], normal_form: str, strip_html: bool, min_chars: int,
               max_chars: int | None, min_tokens: int | None, max_tokens: int | None, model: str | None,
-              max_repetition: float, max_symbol_ratio: float, dedup: bool, near_dup: bool, near_dup_threshold: float,
+              max_repetition: float, max_symbol_ratio: float, languages: tuple[str, ...],
+              min_language_confidence: float, dedup: bool, near_dup: bool, near_dup_threshold: float,
               num_perm: int, schema: str, overwrite: bool, skip_bad_rows: bool) -> None:
-    """Clean FILE's text, filter by length and quality, drop exact and near duplicates."""
+    """Clean FILE's text, filter by length, quality and language, drop exact and near duplicates."""
     from edgeft.datatools.clean import CleanConfig, clean_file
 
     clean_file(CleanConfig(source=file, output=output, overwrite=overwrite, schema=schema, columns=columns,
                            normal_form=normal_form, strip_html=strip_html, min_chars=min_chars, max_chars=max_chars,
                            min_tokens=min_tokens, max_tokens=max_tokens, model=model, max_repetition=max_repetition,
-                           max_symbol_ratio=max_symbol_ratio, dedup=dedup, near_dup=near_dup,
+                           max_symbol_ratio=max_symbol_ratio, languages=languages,
+                           min_language_confidence=min_language_confidence, dedup=dedup, near_dup=near_dup,
                            near_dup_threshold=near_dup_threshold, num_perm=num_perm, skip_bad_rows=skip_bad_rows))
 
 

@@ -17,7 +17,7 @@ from edgeft.core.errors import ConfigError, DataError
 from edgeft.core.fsutil import prepare_output_dir
 from edgeft.core.progress import say
 from edgeft.core.rows import normalise
-from edgeft.datatools.dedup import ExactIndex, NearDupIndex
+from edgeft.datatools.dedup import ExactIndex, NearDupIndex, open_indexes
 from edgeft.datatools.report import DataReport
 from edgeft.datatools.stream import check_input, check_output, first_schema, read_records, row_text
 from edgeft.datatools.writer import jsonl_outputs
@@ -75,8 +75,16 @@ def _stratum(rec: Any, field: str | None, where: str) -> str:
 def group_rows(cfg: SplitConfig, schema: str, report: DataReport) -> _Groups:
     """Pass one: check each row, find its duplicate group, read its stratum."""
     groups = _Groups(array("q"), array("q"), {}, Counter())
-    exact = ExactIndex()
-    near = NearDupIndex(cfg.near_dup_threshold, cfg.num_perm) if cfg.near_dup else None
+    # The indexes' databases go next to the output directory.
+    with open_indexes(Path(cfg.output).parent, near=cfg.near_dup, threshold=cfg.near_dup_threshold,
+                      num_perm=cfg.num_perm) as (exact, near):
+        _group(cfg, schema, report, groups, exact, near)
+    return groups
+
+
+def _group(cfg: SplitConfig, schema: str, report: DataReport, groups: _Groups, exact: ExactIndex,
+           near: NearDupIndex | None) -> None:
+    """Fill ``groups`` row by row: a row joins the group of its first exact or near duplicate."""
     for line, rec in read_records(cfg.source, skip_bad=cfg.skip_bad_rows, on_bad=report.skip):
         report.counts["read"] += 1
         k = len(groups.lines)
@@ -107,7 +115,6 @@ def group_rows(cfg: SplitConfig, schema: str, report: DataReport) -> _Groups:
         groups.lines.append(line)
         groups.group_of.append(group)
         groups.size[group] += 1
-    return groups
 
 
 def assign_splits(groups: _Groups, eval_fraction: float, test_fraction: float, seed: int) -> dict[int, str]:

@@ -18,7 +18,7 @@ from edgeft.core.errors import DataError
 from edgeft.core.fsutil import prepare_output_dir
 from edgeft.core.progress import say
 from edgeft.core.rows import normalise
-from edgeft.datatools.dedup import ExactIndex, NearDupIndex
+from edgeft.datatools.dedup import ExactIndex, NearDupIndex, open_indexes
 from edgeft.datatools.report import DataReport
 from edgeft.datatools.stream import check_input, first_schema, read_records, row_text
 
@@ -68,29 +68,29 @@ def plot_token_lengths(lengths: array, max_seq_len: int, path: Path) -> Path:
 def _scan(cfg: StatsConfig, schema: str, report: DataReport, tok: Any) -> tuple[array, array, Counter]:
     """One pass: character and token lengths, duplicates (reported) and labels of the good rows."""
     chars, tokens, labels = array("I"), array("I"), Counter()
-    exact = ExactIndex()
-    near = NearDupIndex(cfg.near_dup_threshold, cfg.num_perm) if cfg.near_dup else None
+    # The indexes' databases go next to the output directory.
+    with open_indexes(Path(cfg.output).parent, near=cfg.near_dup, threshold=cfg.near_dup_threshold,
+                      num_perm=cfg.num_perm) as (exact, near):
+        for line, rec in read_records(cfg.source, skip_bad=cfg.skip_bad_rows, on_bad=report.skip):
+            report.counts["read"] += 1
+            try:
+                row = normalise(rec, schema, cfg.source, line)
+                if cfg.label_field is not None and (not isinstance(rec, dict) or rec.get(cfg.label_field) is None):
+                    raise DataError(f"{cfg.source}:{line}: missing field '{cfg.label_field}' (--label-field)")
+            except DataError as e:
+                if not cfg.skip_bad_rows:
+                    raise
+                report.skip("bad row", e.message)
+                continue
+            text = row_text(rec, schema)
+            chars.append(len(text.replace("\x1f", "")))
+            if tok is not None:
+                from edgeft.datatools.tokens import row_tokens
 
-    for line, rec in read_records(cfg.source, skip_bad=cfg.skip_bad_rows, on_bad=report.skip):
-        report.counts["read"] += 1
-        try:
-            row = normalise(rec, schema, cfg.source, line)
-            if cfg.label_field is not None and (not isinstance(rec, dict) or rec.get(cfg.label_field) is None):
-                raise DataError(f"{cfg.source}:{line}: missing field '{cfg.label_field}' (--label-field)")
-        except DataError as e:
-            if not cfg.skip_bad_rows:
-                raise
-            report.skip("bad row", e.message)
-            continue
-        text = row_text(rec, schema)
-        chars.append(len(text.replace("\x1f", "")))
-        if tok is not None:
-            from edgeft.datatools.tokens import row_tokens
-
-            tokens.append(row_tokens(tok, row))
-        if cfg.label_field is not None:
-            labels[str(rec[cfg.label_field])] += 1
-        _count_duplicates(exact, near, text, line, report)
+                tokens.append(row_tokens(tok, row))
+            if cfg.label_field is not None:
+                labels[str(rec[cfg.label_field])] += 1
+            _count_duplicates(exact, near, text, line, report)
     return chars, tokens, labels
 
 

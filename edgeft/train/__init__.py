@@ -4,7 +4,8 @@ The parts, each usable alone: ``prepare`` (inputs checked before weights load), 
 base model, PEFT wrapping), ``batches`` (batch stream, collation, loss), ``optim`` (optimizer and
 schedule), ``loop`` (steps, evaluation, early stopping), ``checkpoint`` (resume, metrics, final
 save) and ``record`` (``edgeft-run.json``); ``distributed`` (several processes, data parallel through
-DDP) and ``launch`` (``--num-processes``: torchrun started for the user).
+DDP), ``sharding`` (``--sharding fsdp``: weights sharded through FSDP2) and ``launch`` (``--num-processes``,
+``--nnodes``: torchrun started for the user).
 """
 
 from __future__ import annotations

@@ -7,26 +7,28 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
-from edgeft.config import TrainConfig
+from edgeft.config import TrainConfig, parse_task_weights
 from edgeft.data import IGNORE_INDEX, Tokenized, pack
+from edgeft.train.mixing import TaskMix
 
 
 class Batches:
     """Deterministic micro-batch stream: epoch ``e`` is a function of (seed, e) alone.
 
     Units (rows, or packs of rows) are shuffled, grouped by length within windows of
-    ``32 x batch_size`` so a batch pads little, and the batch order is shuffled again.
+    ``32 x batch_size`` so a batch pads little, and the batch order is shuffled again. With a
+    ``TaskMix`` (``--task-weights``) the epoch's units are its weighted draw instead of a permutation.
     """
 
-    def __init__(self, units: list[list[Tokenized]], batch_size: int, seed: int):
-        self.units, self.batch_size, self.seed = units, batch_size, seed
+    def __init__(self, units: list[list[Tokenized]], batch_size: int, seed: int, mix: TaskMix | None = None):
+        self.units, self.batch_size, self.seed, self.mix = units, batch_size, seed, mix
         self.per_epoch = math.ceil(len(units) / batch_size)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        perm = torch.randperm(len(self.units), generator=g).tolist()
+        perm = self.mix.draw(g) if self.mix is not None else torch.randperm(len(self.units), generator=g).tolist()
         window = self.batch_size * 32
         batches = []
         for w in range(0, len(perm), window):
@@ -53,7 +55,10 @@ def plan_batches(cfg: TrainConfig, train_examples: list[Tokenized], processes: i
     """The training stream (rows packed when ``--packing``) and the number of optimizer steps. With
     several processes a micro-batch holds ``batch_size x processes`` units, which the ranks share."""
     units = pack(train_examples, cfg.max_seq_len) if cfg.packing else [[ex] for ex in train_examples]
-    batches = Batches(units, cfg.batch_size * processes, cfg.seed)
+    mix = None
+    if cfg.task_weights:  # never with --packing (config validation): one unit is one row
+        mix = TaskMix.for_examples(train_examples, parse_task_weights(cfg.task_weights), cfg.data)
+    batches = Batches(units, cfg.batch_size * processes, cfg.seed, mix)
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return batches, total_steps

@@ -14,6 +14,7 @@ from typing import Any
 from edgeft.config import TrainConfig
 from edgeft.core.errors import ConfigError, EdgeftError
 from edgeft.core.fsutil import atomic_dir, atomic_file, clean_partials, ensure_free_space, prepare_output_dir
+from edgeft.train.sharding import full_copies, local_part, shard_optimizer_state
 
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
@@ -62,20 +63,24 @@ def resume_batch_problem(saved_batch: int, saved_processes: int, batch: int, pro
             f"({rows} rows per micro-batch), this run has {processes} x {batch}{hint}")
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
-    """CPU copies of the trainable parameters, by name."""
-    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: Any, keep: bool = True) -> dict[str, Any]:
+    """CPU copies of the trainable parameters, by name; sharded ones (FSDP) are gathered, so every rank
+    calls this (``keep`` False: a rank that only takes part, and gets {})."""
+    return full_copies(((n, p) for n, p in model.named_parameters() if p.requires_grad), keep)
 
 
 def load_trainable(model: Any, weights: dict[str, Any]) -> None:
     """Copy ``weights`` (name -> tensor, as ``trainable_state`` gives) into the model's parameters."""
     params = dict(model.named_parameters())
     for name, t in weights.items():
-        params[name].data.copy_(t.to(params[name].device))
+        params[name].data.copy_(local_part(t, params[name]))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict, keep: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically, then prune to the newest ``keep``."""
+def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, state: dict, keep: int, *,
+                    weights: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/step-N`` atomically, then prune to the newest ``keep``. ``weights`` and
+    ``optimizer_state``, when given, are written instead of the model's and optimizer's own (a sharded
+    run passes them gathered)."""
     import torch
     from safetensors.torch import save_file
 
@@ -85,8 +90,8 @@ def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler:
     # trainable weights + up to two optimizer moments per weight (AdamW), rng and state files
     ensure_free_space(final, 3 * param_bytes(model, trainable_only=True) + SAVE_SLACK_BYTES, f"checkpoint {final.name}")
     with atomic_dir(final, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights if weights is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -119,6 +124,7 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> d
     try:
         load_trainable(model, load_file(str(ckpt / "trainable.safetensors")))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        shard_optimizer_state(optimizer)
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         rng = torch.load(ckpt / "rng.pt", weights_only=True)
         state = json.loads((ckpt / "state.json").read_text())
@@ -160,16 +166,17 @@ def append_metrics(log: Any, record: dict[str, Any]) -> None:
     log.flush()
 
 
-def save_final(model: Any, tok: Any, out: Path, cfg: TrainConfig) -> None:
-    """The adapter (standard PEFT layout) or the full model, and the tokenizer."""
+def save_final(model: Any, tok: Any, out: Path, cfg: TrainConfig, state_dict: dict[str, Any] | None = None) -> None:
+    """The adapter (standard PEFT layout) or the full model, and the tokenizer; ``state_dict`` (the
+    weights gathered from a sharded run) replaces the model's own."""
     need = param_bytes(model, trainable_only=cfg.method != "full") + SAVE_SLACK_BYTES
     ensure_free_space(out, need, "the full model" if cfg.method == "full" else "the adapter")
     with atomic_dir(out / ".final", overwrite=True) as tmp:
         if cfg.method == "full":
             model.config.use_cache = True
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
     for p in (out / ".final").iterdir():
         os.replace(p, out / p.name)

@@ -67,9 +67,11 @@ def start_world(cfg: TrainConfig) -> World:
     """Join the process group when a launcher started this process (gloo on CPU, NCCL on CUDA, with
     ``--dist-timeout`` on every collective); ranks other than 0 go quiet."""
     world = launched_world()
-    if cfg.num_processes > 1 and world.size != cfg.num_processes:
-        raise ConfigError(f"--num-processes {cfg.num_processes}: the launcher started {world.size} processes; "
-                          "drop --num-processes when you launch with torchrun or accelerate yourself")
+    expected = cfg.num_processes * cfg.nnodes
+    if expected > 1 and world.size != expected:
+        raise ConfigError(f"--num-processes {cfg.num_processes} x --nnodes {cfg.nnodes}: the launcher started "
+                          f"{world.size} processes; drop --num-processes and --nnodes when you launch with "
+                          "torchrun or accelerate yourself")
     if not world.distributed:
         return world
     import torch
@@ -154,8 +156,9 @@ def main_first(world: World, action: Callable[[], T]) -> T:
     return box[0][1]
 
 
-def _step_loss_module(model: Any, selective: bool) -> Any:
-    """A module whose forward is the summed loss of a micro-batch, so DDP sees the forward it syncs."""
+def step_loss_module(model: Any, selective: bool) -> Any:
+    """A module whose forward is ``loss_sum`` of a micro-batch (summed loss, target tokens), so DDP and
+    FSDP see the forward they sync."""
     import torch
 
     class StepLoss(torch.nn.Module):
@@ -163,8 +166,8 @@ def _step_loss_module(model: Any, selective: bool) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, batch: dict[str, Any]) -> Any:
-            return loss_sum(self.model, batch, selective)[0]
+        def forward(self, batch: dict[str, Any]) -> tuple[Any, int]:
+            return loss_sum(self.model, batch, selective)
 
     return StepLoss()
 
@@ -172,6 +175,8 @@ def _step_loss_module(model: Any, selective: bool) -> Any:
 class Replicas:
     """The loss of a micro-batch on this rank. With several processes the model runs inside DDP, which
     averages the gradients over ranks in the backward of the step's last micro-batch."""
+
+    sharded = False  # every rank holds whole weights (``sharding.ShardedReplicas``: shards)
 
     def __init__(self, model: Any, selective: bool, world: World, device: str):
         self.model, self.selective, self.world = model, selective, world
@@ -183,13 +188,17 @@ class Replicas:
             ids = [world.local_rank] if device.startswith("cuda") else None
             # Every rank built the same model; only the trainable weights are broadcast (above), not
             # the frozen (maybe 4-bit) base.
-            self.ddp = DistributedDataParallel(_step_loss_module(model, selective), device_ids=ids, init_sync=False)
+            self.ddp = DistributedDataParallel(step_loss_module(model, selective), device_ids=ids, init_sync=False)
 
     def loss(self, batch: dict[str, Any]) -> Any:
         """Summed cross-entropy over the target tokens of ``batch`` (a scalar tensor)."""
         if self.ddp is None:
             return loss_sum(self.model, batch, self.selective)[0]
-        return self.ddp(batch)
+        return self.ddp(batch)[0]
+
+    def sums(self, batch: dict[str, Any]) -> tuple[Any, int]:
+        """(summed cross-entropy, target tokens) of ``batch`` for evaluation (no gradient sync)."""
+        return loss_sum(self.model, batch, self.selective)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients stay local until the last micro-batch of an optimizer step."""

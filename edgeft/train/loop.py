@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edgeft.config import TrainConfig, to_dict
 from edgeft.core.errors import OOM_HINT, EdgeftError
@@ -26,6 +26,7 @@ from edgeft.train.checkpoint import (CKPT_DIR, METRICS_FILE, append_metrics, loa
                                      trainable_state)
 from edgeft.train.distributed import SINGLE, Replicas, World, all_sum, shard
 from edgeft.train.optim import apply_update
+from edgeft.train.sharding import full_optimizer_state
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Run:
     total_steps: int
     state: dict[str, Any]
     world: World = SINGLE
-    replicas: Replicas | None = None  # the loss through DDP when several processes train
+    replicas: Any = None  # the loss through DDP or FSDP (sharding.make_replicas) when several processes train
 
     def __post_init__(self) -> None:
         if self.replicas is None:
@@ -140,10 +141,22 @@ def _train_steps(run: Run, outcome: Outcome, clock: _Throughput) -> None:
                 outcome.stopped_early = True
                 say(f"early stop at step {state['step']}: eval loss did not improve for {state['bad_evals']} evaluations")
                 break
-            if (cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < run.total_steps
-                    and run.world.main):
-                save_checkpoint(run.out, state["step"], run.model, run.optimizer, run.scheduler,
-                                {**state, "config": to_dict(cfg), "processes": run.world.size}, cfg.keep_checkpoints)
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < run.total_steps:
+                _checkpoint(run)
+
+
+def _checkpoint(run: Run) -> None:
+    """Rank 0 writes a checkpoint; with sharded weights every rank first takes part in gathering the
+    full weights and optimizer state, so the checkpoint is the one a single process writes."""
+    world, state = run.world, run.state
+    gathered: dict[str, Any] = {}
+    if run.replicas.sharded:
+        gathered = {"weights": trainable_state(run.model, keep=world.main),
+                    "optimizer_state": full_optimizer_state(run.optimizer, keep=world.main)}
+    if world.main:
+        save_checkpoint(run.out, state["step"], run.model, run.optimizer, run.scheduler,
+                        {**state, "config": to_dict(run.cfg), "processes": world.size}, run.cfg.keep_checkpoints,
+                        **gathered)
 
 
 def _optimizer_step(run: Run, micro: list[tuple[int, list[list[Tokenized]]]]) -> tuple[float, int]:
@@ -207,11 +220,16 @@ def _out_of_memory_as_hint(out: Path) -> Iterator[None]:
 
 
 def _evaluate_run(run: Run) -> float:
-    """Eval loss over all eval rows; each rank evaluates every ``size``-th and the sums are shared."""
-    world = run.world
-    units = run.eval_units[world.rank :: world.size]
-    total, count = all_sum(world, list(eval_sums(run.model, units, run.cfg, run.tok.pad_token_id, run.device,
-                                                 run.selective)))
+    """Eval loss over all eval rows, in batches of ``batch_size x processes`` rows shared out as in
+    training (so every rank runs as many forwards, as FSDP needs); the sums are shared."""
+    world, rows = run.world, run.cfg.batch_size * run.world.size
+    total, count = 0.0, 0.0
+    for i in range(0, len(run.eval_units), rows):
+        mine, weight = shard(world, run.eval_units[i : i + rows])
+        s, n = eval_sums(run.model, mine, run.cfg, run.tok.pad_token_id, run.device, run.selective,
+                         sums=run.replicas.sums)
+        total, count = total + weight * s, count + weight * n
+    total, count = all_sum(world, [total, count])
     return total / max(count, 1)
 
 
@@ -222,8 +240,9 @@ def evaluate(model: Any, units: list[list[Tokenized]], cfg: TrainConfig, pad_id:
 
 
 def eval_sums(model: Any, units: list[list[Tokenized]], cfg: TrainConfig, pad_id: int, device: str,
-              selective: bool) -> tuple[float, int]:
-    """(summed cross-entropy, target tokens) over ``units``, without gradients; the model is left in train mode."""
+              selective: bool, sums: Callable[[dict[str, Any]], tuple[Any, int]] | None = None) -> tuple[float, int]:
+    """(summed cross-entropy, target tokens) over ``units``, without gradients (``sums`` of a batch when
+    given, e.g. through the sharded model; else ``loss_sum``); the model is left in train mode."""
     import torch
 
     model.eval()
@@ -231,7 +250,7 @@ def eval_sums(model: Any, units: list[list[Tokenized]], cfg: TrainConfig, pad_id
     with torch.no_grad():
         for i in range(0, len(units), cfg.batch_size):
             batch = collate(units[i : i + cfg.batch_size], pad_id, device, need_mask=not selective)
-            s, n = loss_sum(model, batch, selective)
+            s, n = sums(batch) if sums is not None else loss_sum(model, batch, selective)
             total += float(s)
             count += n
     model.train()

@@ -14,6 +14,7 @@ from edgeft.config import PEFT_PROMPT_METHODS, TrainConfig
 from edgeft.core.errors import ConfigError, EdgeftError
 from edgeft.cpumem import (LOAD_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD, dequantize_in_compute_dtype,
                            release_file_mappings, set_mmap_threshold)
+from edgeft.train.sharding import shards_model
 from edgeft.train.targets import resolve_targets
 
 # Model families whose output is plain ``lm_head(final_hidden)``: the loss can skip the
@@ -115,7 +116,7 @@ def _load_base(cfg: TrainConfig, model_ref: str, device: str, dtype: Any) -> Any
     if cfg.method == "qlora":
         release_file_mappings(model)
         dequantize_in_compute_dtype(model, dtype)
-    else:
+    elif not (device == "cuda" and shards_model(cfg)):  # FSDP moves each process's shard to its GPU
         model.to(device)
     model.config.use_cache = False
     return model

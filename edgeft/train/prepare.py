@@ -42,6 +42,11 @@ def prepare_inputs(cfg: TrainConfig) -> Prepared:
     rows, report = load_rows(cfg.data, cfg.schema, skip_bad=cfg.skip_bad_rows)
     if report.skipped:
         say(f"[yellow]skipped {len(report.skipped)} bad rows[/] (first: {report.skipped[0]})")
+    if cfg.task_weights:
+        from edgeft.config import parse_task_weights
+        from edgeft.train.mixing import check_task_rows
+
+        check_task_rows(rows, parse_task_weights(cfg.task_weights), cfg.data)
     eval_rows = None
     if cfg.eval_data:
         eval_rows, eval_report = load_rows(cfg.eval_data, cfg.schema, skip_bad=cfg.skip_bad_rows)

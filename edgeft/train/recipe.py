@@ -13,7 +13,8 @@ Checkpoints hold the trainable weights, optimizer, scheduler and RNG state and t
 the data stream, written atomically; ``--resume`` continues the same data order and schedule.
 
 Under torchrun or ``accelerate launch`` (or ``--num-processes N``) every process runs this recipe as
-one rank of a data-parallel run (``distributed.py``); rank 0 alone writes files.
+one rank of a data-parallel run (``distributed.py``; ``sharding.py`` with ``--sharding fsdp``); rank 0
+alone writes files.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from edgeft.config import TrainConfig
 from edgeft.core.fsutil import write_json
 from edgeft.core.progress import say
 from edgeft.train.batches import plan_batches
-from edgeft.train.checkpoint import load_checkpoint, prepare_output, read_metrics, reset_metrics, save_final
+from edgeft.train.checkpoint import (load_checkpoint, prepare_output, read_metrics, reset_metrics, save_final,
+                                     trainable_state)
 from edgeft.train.distributed import (SINGLE, World, all_gather, main_first, peers_lost_as_error, reseed_per_rank,
                                       start_world, stop_world)
 from edgeft.train.loop import Outcome, Run, new_state, run_training
+from edgeft.train.mixing import task_record
 from edgeft.train.model import load_for_training, uses_selective_head
 from edgeft.train.optim import build_optimizer, build_scheduler
 from edgeft.train.prepare import prepare_inputs
 from edgeft.train.record import RUN_RECORD, dtype_name, peak_memory_mb, start_record
+from edgeft.train.sharding import full_model_state, make_replicas
 
 CURVES_FILE = "curves.png"
 
@@ -83,6 +87,8 @@ def setup(cfg: TrainConfig, out: Path, resume_from: Path | None, world: World = 
     batches, total_steps = plan_batches(cfg, prep.train_examples, world.size)
 
     model = load_for_training(cfg, prep.model_ref, prep.device, prep.dtype, prep.tok)
+    selective = uses_selective_head(cfg, model)
+    replicas = make_replicas(cfg, model, selective, world, prep.device)  # FSDP shards the weights in place
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     n_trainable = sum(p.numel() for p in params)
@@ -95,16 +101,19 @@ def setup(cfg: TrainConfig, out: Path, resume_from: Path | None, world: World = 
         state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
         say(f"resumed from {resume_from.name} (step {state['step']})")
     reseed_per_rank(cfg, world, state["step"])
-    run = Run(cfg, out, model, prep.tok, prep.device, uses_selective_head(cfg, model), params, optimizer, scheduler,
-              batches, [[ex] for ex in prep.eval_examples], total_steps, state, world)
+    run = Run(cfg, out, model, prep.tok, prep.device, selective, params, optimizer, scheduler,
+              batches, [[ex] for ex in prep.eval_examples], total_steps, state, world, replicas)
 
     record = start_record(cfg, prep, trainable=n_trainable, total=n_total, total_steps=total_steps)
     record["processes"] = world.size
+    tasks = task_record(prep.train_examples, batches.mix)
+    if tasks is not None:
+        record["data"]["tasks"] = tasks
     if world.main:
         reset_metrics(run.metrics_path, state["step"] if resume_from is not None else None)
         write_json(out / RUN_RECORD, record)
-    ranks = (f" x {world.size} processes (global batch {cfg.batch_size * cfg.grad_accum * world.size})"
-             if world.distributed else "")
+    ranks = (f" x {world.size} processes ({'FSDP' if replicas.sharded else 'DDP'}, global batch "
+             f"{cfg.batch_size * cfg.grad_accum * world.size})" if world.distributed else "")
     say(f"{cfg.method} on {prep.device}{ranks} ({dtype_name(prep.dtype)} compute): {n_trainable:,} trainable of "
         f"{n_total:,} parameters, {total_steps} steps")
     return run, record
@@ -124,13 +133,18 @@ def save(run: Run, record: dict[str, Any], outcome: Outcome) -> TrainResult:
     })
     if run.world.distributed:
         record["final_metrics"]["peak_memory_mb_per_process"] = peaks
-    main_first(run.world, lambda: _write_outputs(run, record))
+    # Sharded weights are gathered by every rank (rank 0 keeps them) and written as one process writes them.
+    weights = None
+    if run.replicas.sharded:
+        keep = run.world.main
+        weights = full_model_state(run.model, keep) if run.cfg.method == "full" else trainable_state(run.model, keep)
+    main_first(run.world, lambda: _write_outputs(run, record, weights))
     return TrainResult(run.out, state["step"], outcome.last_loss, outcome.eval_loss, outcome.tokens_per_s,
                        outcome.stopped_early)
 
 
-def _write_outputs(run: Run, record: dict[str, Any]) -> None:
-    save_final(run.model, run.tok, run.out, run.cfg)
+def _write_outputs(run: Run, record: dict[str, Any], weights: dict[str, Any] | None) -> None:
+    save_final(run.model, run.tok, run.out, run.cfg, weights)
     metrics = read_metrics(run.metrics_path)
     if metrics:
         from edgeft.plots import training_curves

@@ -1,7 +1,8 @@
 """Write an ExecuTorch program: the merged model behind a static KV cache (``StaticCacheLM``), optionally
-quantized with torchao (8da4w: int8 dynamic activations, int4 weights in groups of 32, the scheme
-ExecuTorch's XNNPACK kernels run), ``torch.export`` with a dynamic sequence length, lowered to XNNPACK,
-saved as ``model.pte`` with ``edgeft-executorch.json`` and the tokenizer beside it.
+quantized with torchao (int8 dynamic activations per token with int8 weights per output channel, 8da8w,
+or int4 weights in groups of 32, 8da4w: the schemes XNNPACK's qd8-f32-qc8w / qd8-f32-qb4w kernels run),
+``torch.export`` with a dynamic sequence length, lowered to XNNPACK, saved as ``model.pte`` with
+``edgeft-executorch.json`` and the tokenizer beside it.
 
 Why a wrapper of our own: transformers 4.57's ``TorchExportableModuleForDecoderOnlyLM`` registers the
 cache tensors as buffers *and* reaches them through the cache object, so torch 2.13's export sees each
@@ -22,6 +23,10 @@ from runtime.backends.executorch_backend import PROGRAM_META
 from runtime.mobile import PTE_MODEL
 
 GROUP_SIZE = 32  # 8da4w weights per scale along the input dimension
+# quantization -> (torchao weight dtype name, weights per scale: None = one scale per output channel).
+# Both use torchao's Int8DynamicActivationIntxWeightConfig, which executorch's own LLM export uses for
+# these modes; every quantized linear lowers into the XNNPACK delegate (checked on the tiny test model).
+WEIGHT_SCHEMES: dict[str, tuple[str, int | None]] = {"8da8w": ("int8", None), "8da4w": ("int4", GROUP_SIZE)}
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "vocab.json",
               "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -53,16 +58,19 @@ def static_cache_lm(model: Any, max_seq_len: int) -> Any:
     return StaticCacheLM().eval()
 
 
-def quantize_8da4w(model: Any) -> dict[str, Any]:
-    """torchao 8da4w on every linear layer (the output projection included); returns the settings."""
+def quantize_linears(model: Any, quantize: str) -> dict[str, Any]:
+    """torchao ``quantize`` (8da8w or 8da4w) on every linear layer, the output projection included;
+    returns the settings."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.granularity import PerAxis, PerGroup
 
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                           weight_granularity=PerGroup(GROUP_SIZE)))
-    return {"scheme": "8da4w", "activations": "int8 dynamic per token", "weights": "int4 symmetric",
-            "group_size": GROUP_SIZE, "library": "torchao"}
+    dtype, group = WEIGHT_SCHEMES[quantize]
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=getattr(torch, dtype), weight_granularity=PerAxis(0) if group is None else PerGroup(group)))
+    scales = "one scale per output channel" if group is None else f"one scale per {group} weights"
+    return {"scheme": quantize, "activations": "int8 dynamic per token", "weights": f"{dtype} symmetric, {scales}",
+            "group_size": group, "library": "torchao"}
 
 
 def lower_to_pte(model: Any, max_seq_len: int, path: Path) -> None:
@@ -87,7 +95,7 @@ def lower_to_pte(model: Any, max_seq_len: int, path: Path) -> None:
 
 def write_program(model: Any, model_dir: Path, dest: Path, *, quantize: str, max_seq_len: int) -> dict[str, Any]:
     """``dest/model.pte`` (quantized as asked), its metadata and the tokenizer/config files; returns the settings."""
-    settings: dict[str, Any] = quantize_8da4w(model) if quantize == "8da4w" else {"scheme": "fp32"}
+    settings: dict[str, Any] = quantize_linears(model, quantize) if quantize in WEIGHT_SCHEMES else {"scheme": "fp32"}
     lower_to_pte(model, max_seq_len, dest / PTE_MODEL)
     for name in SIDE_FILES:
         if (model_dir / name).is_file():

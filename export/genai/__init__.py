@@ -35,7 +35,7 @@ from edgeft.core.records import Record
 from export.genai.plan import GENAI_TYPES, genai_type, plan_genai
 from export.genai.verify import verify_genai
 from export.genai.write import write_genai_config
-from export.onnx import written_variant
+from export.onnx import smoothing_calibration, written_variant
 from export.onnx.plan import parse_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.stages import Progress
@@ -45,7 +45,8 @@ from runtime.mobile import GENAI
 __all__ = ["GENAI_TYPES", "export_genai", "genai_type"]
 
 
-def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False) -> Record:
+def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
+                 calibration: Path | None = None, smooth: bool | None = None) -> Record:
     """Write the GenAI folder of ``model_dir`` (variant ``quantize``) to ``output``, verify it, return its record.
 
     A failed verification is returned (status "failed") with the folder and its record written, not raised.
@@ -55,7 +56,8 @@ def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, 
     tokenizer, model_type = plan_genai(model_dir, output, variant, overwrite)
     bars = BARS[variant]
     progress = Progress()
-    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite) as out:
+    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
+    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib) as out:
         with progress.stage("genai", "writing genai_config.json"):
             write_genai_config(out.tmp, model_dir, tokenizer, model_type)
         with progress.stage("verify", f"verifying {variant} through onnxruntime-genai against PyTorch"):

@@ -24,13 +24,16 @@ place: a file under the final name always has its record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from edgeft.core.errors import ConfigError
 from edgeft.core.fsutil import atomic_file, ensure_free_space
 from edgeft.core.progress import say
 from edgeft.core.records import Record, write_record
@@ -45,6 +48,7 @@ from export.gguf.tables import PRECISIONS, QuantOptions
 from export.gguf.tensor_types import choose_tensor_type, gguf_tensor_types
 from export.gguf.verify import verify_gguf
 from export.gguf.write import write_gguf
+from export.smoothing import MAX_ROWS as SMOOTHING_ROWS, write_smoothed
 
 __all__ = ["export_gguf", "gguf_tensor_types"]
 
@@ -64,11 +68,16 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
     t_start = time.perf_counter()
     plan = plan_export(Path(model_dir), Path(output), qtype, overwrite)
     opts = quant_options or QuantOptions()
+    if opts.smooth and calibration is None:
+        raise ConfigError("--smooth needs --calibration FILE (rows the model will see, e.g. the training data)")
     calib = (load_calibration(calibration, plan.vocab.hf_tokenizer)
-             if calibration is not None and not plan.spec.direct and opts.use_imatrix(plan.spec) else None)
+             if calibration is not None and not plan.spec.direct
+             and (opts.use_imatrix(plan.spec) or opts.use_smooth(plan.spec)) else None)
     evals = load_eval_rows(eval_data, plan.vocab.hf_tokenizer) if eval_data is not None else None
     out = plan.output
-    ensure_free_space(out, _space_needed(plan), "the GGUF export")
+    smoothed_copy = sum(t.file.stat().st_size for t in {t.file: t for t in plan.tensors}.values()) \
+        if calib is not None and opts.use_smooth(plan.spec) else 0
+    ensure_free_space(out, _space_needed(plan) + smoothed_copy, "the GGUF export")
 
     timings: dict[str, float] = {}
     # The file is verified and recorded under its temporary name, then renamed: whatever sits
@@ -95,22 +104,37 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
         return {"quantizer": None}
     # A ".NAME.PID*.partial" name: the next export to this name removes it if this process dies first.
     inter = plan.output.with_name(f".{plan.output.name}.{os.getpid()}.intermediate.partial")
-    matrix = None
-    try:
-        with _timed(timings, "write_s"):
-            write_gguf(plan, inter, plan.source_dtype)
-        if calib is not None:
-            with _timed(timings, "imatrix_s"):
-                say(f"importance matrix from {calib.rows} calibration rows ({calib.tokens} tokens)")
-                matrix = importance_matrix(plan, calib)
-        with _timed(timings, "quantize_s"):
-            say(f"quantizing to {plan.qtype} with llama.cpp")
-            quantize_gguf(inter, dst, plan.spec, keep=opts.keep, imatrix=matrix, calibration=calib)
-    finally:
-        inter.unlink(missing_ok=True)
+    matrix, smoothing = None, None
+    with tempfile.TemporaryDirectory(prefix=f".{plan.output.name}.{os.getpid()}.", suffix=".partial",
+                                     dir=plan.output.parent) as work:
+        source = plan
+        if calib is not None and opts.use_smooth(plan.spec):
+            with _timed(timings, "smooth_s"):
+                say(f"smoothing outlier activations (first {min(calib.rows, SMOOTHING_ROWS)} calibration rows)")
+                source = smoothed_plan(plan, Path(work) / plan.model_dir.name)
+                smoothing = {**write_smoothed(plan.model_dir, calib, source.model_dir).describe(), **calib.describe()}
+        try:
+            with _timed(timings, "write_s"):
+                write_gguf(source, inter, plan.source_dtype)
+            if calib is not None and opts.use_imatrix(plan.spec):
+                with _timed(timings, "imatrix_s"):
+                    say(f"importance matrix from {calib.rows} calibration rows ({calib.tokens} tokens)")
+                    matrix = importance_matrix(source, calib)
+            with _timed(timings, "quantize_s"):
+                say(f"quantizing to {plan.qtype} with llama.cpp")
+                quantize_gguf(inter, dst, plan.spec, keep=opts.keep, imatrix=matrix, calibration=calib)
+        finally:
+            inter.unlink(missing_ok=True)
     return {"quantizer": "llama.cpp llama_model_quantize",
             "kept_above_type": [p for p, _ in plan.spec.keep] if opts.keep else [],
-            "imatrix": ({**calib.describe(), "entries": len(matrix)} if calib is not None and matrix else None)}
+            "imatrix": ({**calib.describe(), "entries": len(matrix)} if calib is not None and matrix else None),
+            "smoothing": smoothing}
+
+
+def smoothed_plan(plan: ExportPlan, directory: Path) -> ExportPlan:
+    """``plan`` reading its tensors from ``directory`` (where the smoothed checkpoint is written, same file names)."""
+    return dataclasses.replace(plan, model_dir=directory,
+                               tensors=[dataclasses.replace(t, file=directory / t.file.name) for t in plan.tensors])
 
 
 @contextlib.contextmanager

@@ -47,24 +47,28 @@ import gc
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+from edgeft.core.errors import ConfigError
 from edgeft.core.fsutil import atomic_dir, ensure_free_space
 from edgeft.core.records import Record
+from export.calibration import Calibration, load_calibration
 from export.evalrows import load_eval_rows, reference_answers
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
 from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
-from export.onnx.quantize import Int4Settings, Int8Settings, make_variant
+from export.onnx.quantize import SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.reference import GREEDY_TOKENS, Reference, load_torch, sample_prompts, torch_reference
 from export.onnx.stages import Progress, quiet
+from export.smoothing import MAX_ROWS as SMOOTHING_ROWS, smooth_model
 from export.onnx.verify import BARS, Bars, OrtLM, verify_variant
 from export.onnx.write import export_fp32, onnx_size
 from runtime.modelfiles import load_tokenizer
 
 __all__ = [
     "BARS", "Bars", "Int4Settings", "Int8Settings", "OrtLM", "Source", "VARIANTS",
-    "embedding_to_fp16", "export_onnx", "inspect_model_dir", "load_reference", "plan_export", "split_float_zero_points",
+    "embedding_to_fp16", "export_onnx", "inspect_model_dir", "load_reference", "plan_export", "smoothing_calibration",
+    "split_float_zero_points",
     "untie_lm_head", "write_variant", "written_variant",
 ]
 
@@ -72,17 +76,20 @@ _FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed befor
 
 
 def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
-                eval_data: Path | None = None) -> Record:
+                eval_data: Path | None = None, calibration: Path | None = None, smooth: bool | None = None) -> Record:
     """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
 
     ``quantize``: None (fp32), "int8", "int4" or "fp16". ``eval_data``: the user's evaluation rows;
-    the agreement bars are then decided on them (``export.evalrows``). The record is also written to
+    the agreement bars are then decided on them (``export.evalrows``). ``calibration``: rows (normally
+    the training data) for the outlier smoothing of the quantized variants (``export.smoothing``; on for
+    the variants ``SMOOTHED_VARIANTS`` names unless ``smooth`` says otherwise). The record is also written to
     ``output/edgeft-verify.json``; a failed verification is returned (status "failed"), not raised.
     """
     variant = parse_variant(quantize)
     model_dir, output = Path(model_dir), Path(output)
     tokenizer = plan_export(model_dir, output, variant, overwrite)
     evals = load_eval_rows(eval_data, tokenizer) if eval_data is not None else None
+    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
     bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
 
     progress = Progress()
@@ -93,7 +100,7 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
             with progress.stage("reference_rows", f"PyTorch reference on {len(evals.rows)} evaluation rows"):
                 eval_ref = reference_answers(model, tokenizer, evals, model_dir=model_dir)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib)
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
@@ -123,9 +130,28 @@ def load_reference(model_dir: Path, tokenizer: Any, progress: Progress) -> tuple
     return model, refs
 
 
+def smoothing_calibration(calibration: Path | None, tokenizer: Any, variant: str, smooth: bool | None,
+                          smoothed: Mapping[str, bool] = SMOOTHED_VARIANTS) -> Calibration | None:
+    """The calibration rows the variant is smoothed with, or None (no rows, not wanted, or fp32/fp16).
+    ``smoothed``: the variants that can be smoothed -> whether they are by default (ONNX's table unless given)."""
+    wanted = smoothed.get(variant, False) if smooth is None else smooth and variant in smoothed
+    if smooth and variant not in smoothed:
+        raise ConfigError(f"--smooth: only the quantized variants ({', '.join(smoothed)}) are smoothed, not {variant}")
+    if smooth and calibration is None:
+        raise ConfigError("--smooth needs --calibration FILE (rows the model will see, e.g. the training data)")
+    return load_calibration(calibration, tokenizer) if wanted and calibration is not None else None
+
+
 def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
-                   progress: Progress) -> tuple[int, dict[str, Any]]:
-    """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings)."""
+                   progress: Progress, calibration: Calibration | None = None) -> tuple[int, dict[str, Any]]:
+    """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings).
+    With ``calibration`` the outlier smoothing is folded into ``model`` first (exact; the reference
+    was taken before)."""
+    smoothing = None
+    if calibration is not None:
+        rows = min(calibration.rows, SMOOTHING_ROWS)
+        with progress.stage("smooth", f"smoothing outlier activations (first {rows} calibration rows)"):
+            smoothing = smooth_model(model, calibration)
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
     with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
         export_fp32(model, model_dir, fp32_dir)
@@ -135,6 +161,8 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
     with progress.stage("convert", f"converting to {variant}"):
         settings = make_variant(fp32_dir, tmp, variant)
     shutil.rmtree(fp32_dir)  # only the variant ships
+    if smoothing is not None:
+        settings["smoothing"] = smoothing
     return fp32_bytes, settings
 
 
@@ -150,13 +178,13 @@ class WrittenVariant:
 
 @contextlib.contextmanager
 def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
-                    overwrite: bool) -> Iterator[WrittenVariant]:
+                    overwrite: bool, calibration: Calibration | None = None) -> Iterator[WrittenVariant]:
     """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
     the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export."""
     with quiet():
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calibration)
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeft.core.records import Record
-from export.onnx import plan_export, written_variant
+from export.onnx import plan_export, smoothing_calibration, written_variant
 from export.onnx.plan import parse_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.stages import Progress
@@ -36,7 +36,8 @@ from runtime.mobile import ORT, ORT_MODEL
 __all__ = ["export_ort"]
 
 
-def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False) -> Record:
+def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
+               calibration: Path | None = None, smooth: bool | None = None) -> Record:
     """Write the ORT-format model of ``model_dir`` (variant ``quantize``) to ``output``, verify it, return its record.
 
     A failed verification is returned (status "failed") with the folder and its record written, not raised.
@@ -46,7 +47,8 @@ def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, ov
     tokenizer = plan_export(model_dir, output, variant, overwrite)
     bars = BARS[variant]
     progress = Progress()
-    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite) as out:
+    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
+    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib) as out:
         with progress.stage("ort", "converting to ORT format (onnxruntime tools)"):
             out.quantizer["ort_conversion"] = convert_to_ort(out.tmp)
         with progress.stage("verify", f"verifying {variant} model.ort in onnxruntime against PyTorch"):

@@ -6,6 +6,7 @@ A back-end takes token ids and returns float32 next-token logits as numpy arrays
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +33,12 @@ class Backend:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
 
+    def prefill_reusing(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Prefill ``ids`` on this decoding state, keeping the part of it that already holds a prefix of them:
+        (logits after the last id, ids not evaluated again). Back-ends without a reusable cache start over."""
+        self.reset()
+        return self.prefill(ids), 0
+
     def weight_bytes(self) -> WeightBytes:
         raise NotImplementedError
 
@@ -43,6 +50,10 @@ class Backend:
         twin = copy.copy(self)
         twin.reset()
         return twin
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a task adapter onto the loaded weights under ``name`` (llama.cpp and PyTorch back-ends)."""
+        raise EdgeftError(f"{self.kind} artifacts take no task adapters (adapter {name!r})")
 
     def use_adapter(self, name: str | None) -> None:
         """Decode with the named task adapter from now on (None: the plain model)."""

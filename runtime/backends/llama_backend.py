@@ -38,6 +38,10 @@ class GgufBackend(Backend):
     The high-level ``Llama`` wrapper keeps either every position's logits (``logits_all``,
     which slows prompt processing) or none; the low-level batch asks for logits per position,
     so the timed prefill computes one row and teacher forcing computes all of them.
+
+    ``tokens`` lists the ids whose keys and values the context holds, in position order, so that
+    ``prefill_reusing`` evaluates a new prompt from its first token that differs; applying another
+    task adapter empties it (the cached keys and values were computed with other weights).
     """
 
     kind = GGUF
@@ -71,7 +75,8 @@ class GgufBackend(Backend):
             raise EdgeftError(f"{path}: llama.cpp cannot create a context of {self.n_ctx} tokens")
         self.n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model)))
         self.batch = lib.llama_batch_init(self.n_ctx, 0, 1)
-        self.n_past = 0
+        self.tokens: list[int] = []
+        self.applied: str | None = None  # the task adapter this context decodes with
 
     def clone(self) -> "GgufBackend":
         """A second context on the same model (weights and task adapters loaded once)."""
@@ -84,8 +89,15 @@ class GgufBackend(Backend):
             raise EdgeftError(f"{path}: llama.cpp cannot load this LoRA adapter onto {self.path.name}")
         self.adapters[name] = handle
 
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
     def use_adapter(self, name: str | None) -> None:
-        """Apply the named adapter (scale 1) to this context, or none; the base weights stay loaded."""
+        """Apply the named adapter (scale 1) to this context, or none; the base weights stay loaded.
+        A change of adapter empties the cache, whose keys and values the previous weights computed."""
+        if name == self.applied:
+            return
         lib = self.lib
         if name is None:
             rc = lib.llama_set_adapters_lora(self.ctx, None, 0, None)
@@ -94,6 +106,8 @@ class GgufBackend(Backend):
             rc = lib.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         if rc != 0:
             raise EdgeftError(f"{self.path}: llama.cpp cannot apply adapter {name!r} (return code {rc})")
+        self.applied = name
+        self.reset()
 
     def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         n = len(ids)
@@ -109,8 +123,9 @@ class GgufBackend(Backend):
             b.logits[i] = all_logits or i == n - 1
         rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
+            self.reset()  # what the failed call left in the memory no longer matches ``tokens``
             raise EdgeftError(f"{self.path}: llama_decode failed (return code {rc})")
-        self.n_past += n
+        self.tokens += [int(t) for t in ids]
         rows = range(n) if all_logits else (n - 1,)
         out = np.empty((len(rows), self.n_vocab), np.float32)
         for j, i in enumerate(rows):
@@ -120,7 +135,19 @@ class GgufBackend(Backend):
 
     def reset(self) -> None:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
-        self.n_past = 0
+        self.tokens = []
+
+    def prefill_reusing(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Keep the cached positions that hold a prefix of ``ids`` (all but the last id at most, whose
+        logits are needed), drop the rest from llama.cpp's memory, and evaluate the remainder."""
+        keep = common_prefix_length(self.tokens, ids, limit=len(ids) - 1)
+        if keep < len(self.tokens):
+            if keep > 0 and self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), 0, keep, -1):
+                del self.tokens[keep:]
+            else:  # nothing to keep, or a memory (recurrent, sliding window) that cannot drop a tail
+                keep = 0
+                self.reset()
+        return self.prefill(ids[keep:]), keep
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         return self._decode(ids, all_logits=False)[-1]
@@ -148,6 +175,15 @@ class GgufBackend(Backend):
         if self.model and self.owns_model:
             lib.llama_model_free(self.model)  # frees its adapters too
         self.model = None
+
+
+def common_prefix_length(cached: Sequence[int], ids: Sequence[int], *, limit: int) -> int:
+    """How many leading ids ``cached`` and ``ids`` share, at most ``limit``."""
+    n = min(len(cached), len(ids), max(limit, 0))
+    for i in range(n):
+        if cached[i] != ids[i]:
+            return i
+    return n
 
 
 def gguf_tokenize(path: str | Path, texts: Sequence[str]) -> list[list[int]]:

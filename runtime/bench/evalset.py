@@ -104,6 +104,7 @@ class EvalRow:
     prompt_len: int
     compare_from: int  # first position whose logits are compared (start of the last user turn)
     answer: str
+    task: str | None = None  # the row's ``task`` field: its metrics are also reported per task
 
     def spec(self) -> dict[str, Any]:
         """The row as a worker spec holds it."""
@@ -162,7 +163,7 @@ def _tokenise_row(tok: Any, row: Row, path: Path, *, eos: int) -> EvalRow:
     ids = prompt + answer_ids
     compare_from = max(compare_from, len(ids) - 1 - MAX_COMPARED_PER_ROW)
     compare_from = max(0, min(compare_from, len(prompt) - 1))
-    return EvalRow(row.line, ids, len(prompt), compare_from, answer)
+    return EvalRow(row.line, ids, len(prompt), compare_from, answer, row.task)
 
 
 def _chat_prompt(tok: Any, messages: list[dict[str, str]]) -> tuple[str, list[int], int]:

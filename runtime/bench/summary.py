@@ -93,6 +93,7 @@ def _entry(art: Artifact, res: dict[str, Any], *, record: dict[str, Any] | None,
         "task_accuracy_ci95": list(wilson_interval(sum(hits), len(hits))) if hits else None,
         "_hits": hits,  # per row, for the paired interval against the reference (removed before writing)
         "task_metrics": _task_metrics(texts, evals),
+        "task_metrics_by_task": _task_metrics(texts, evals, by_task=True),
         "perplexity": acc["perplexity"],
         "top1_agreement": acc["top1_agreement"], "mean_kl": acc["mean_kl"], "max_kl": acc["max_kl"],
         "max_abs_logprob_diff_topk": acc["max_abs_diff"], "compared_positions": acc["positions"],
@@ -102,6 +103,7 @@ def _entry(art: Artifact, res: dict[str, Any], *, record: dict[str, Any] | None,
         "worker_wall_s": res.get("worker_wall_s"),
         "latency_runs": lat.get("runs"),
         "answers": [{"line": r.line, "reference": r.answer, "generated": t, "correct": h}
+                    | ({"task": r.task} if r.task is not None else {})
                     for r, t, h in zip(evals.rows, texts, hits)][:ANSWERS_IN_REPORT],
     }
 
@@ -154,8 +156,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _task_metrics(texts: list[str], evals: EvalSet) -> dict[str, Any] | None:
-    """Classification or generation metrics of the greedy answers, with bootstrap intervals."""
-    from runtime.taskmetrics import task_metrics
+def _task_metrics(texts: list[str], evals: EvalSet, *, by_task: bool = False) -> dict[str, Any] | None:
+    """Classification or generation metrics of the greedy answers, with bootstrap intervals; with
+    ``by_task``, those of each task's rows (None when no row names a task)."""
+    from runtime.taskmetrics import metrics_by_task, task_metrics
 
-    return task_metrics(texts, [r.answer for r in evals.rows]) if texts else None
+    if not texts:
+        return None
+    references = [r.answer for r in evals.rows]
+    if by_task:
+        return metrics_by_task(texts, references, [r.task for r in evals.rows])
+    return task_metrics(texts, references)

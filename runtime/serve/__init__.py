@@ -1,5 +1,6 @@
 """``edgeft serve``: an OpenAI-compatible HTTP server over an artifact edgeft wrote (GGUF, ONNX, merged
-model, adapter directory), with GGUF task adapters switched per request.
+model, adapter directory), with task adapters (llama.cpp LoRA files on a GGUF, PEFT adapters on a
+PyTorch model) switched per request.
 
 Modules, from pure to I/O:
 
@@ -8,7 +9,9 @@ Modules, from pure to I/O:
 - ``responses.py``: answer, stream-chunk and usage bodies;
 - ``metrics.py``: Prometheus counters; ``slots.py``: the bounded queue in front of the slots;
 - ``codec.py``: chat template, tokenizer and stop tokens (``tokenizers`` or llama.cpp, no torch);
-- ``engine.py``: the artifact loaded once, its slots, its verification gate, one request's decoding;
+- ``gate.py``: what the server agrees to load (verification records, adapters that fit the base);
+- ``engine.py``: the artifact loaded once, its slots, one request's decoding (from the first prompt
+  token the slot's cache does not hold);
 - ``app.py``: the FastAPI routes; ``config.py``: ``ServeConfig``;
 - this module: ``serve`` (the CLI's entry) and ``running_server`` (a server in a thread, for tests
   and benchmarks).

@@ -119,7 +119,8 @@ class Server:
                            type="timeout", code="timeout") from None
         finally:
             lease.release()
-        self.metrics.observe(endpoint, 200, time.perf_counter() - t0, len(prompt), decoding.completion_tokens)
+        self.metrics.observe(endpoint, 200, time.perf_counter() - t0, len(prompt), decoding.completion_tokens,
+                             decoding.reused_tokens)
         return JSONResponse(answer.whole(text, decoding.finish_reason or "stop", decoding.completion_tokens))
 
     async def events(self, decoding: Decoding, answer: Answer, lease: Lease[Any], deadline: float,
@@ -145,7 +146,8 @@ class Server:
         finally:
             lease.release()
             self.metrics.observe(endpoint, status if decoding.done or status != 200 else 499,
-                                 time.perf_counter() - t0, answer.prompt_tokens, decoding.completion_tokens)
+                                 time.perf_counter() - t0, answer.prompt_tokens, decoding.completion_tokens,
+                                 decoding.reused_tokens)
 
 
 def build_app(engine: Engine, cfg: ServeConfig) -> FastAPI:

@@ -1,4 +1,4 @@
-"""``edgeft serve`` settings (typed, validated before any model is loaded) and ``--adapter NAME=FILE`` parsing."""
+"""``edgeft serve`` settings (typed, validated before any model is loaded) and ``--adapter NAME=PATH`` parsing."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
     allow_unverified: bool = False
-    adapters: dict[str, Path] = field(default_factory=dict)
+    adapters: dict[str, Path] = field(default_factory=dict)  # .lora.gguf files (GGUF) or PEFT directories (PyTorch)
     name: str | None = None  # the model id clients send (default: the artifact's file or directory name)
 
     def __post_init__(self) -> None:
@@ -52,19 +52,21 @@ class ServeConfig:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             problems.append(f"--max-prompt-tokens {self.max_prompt_tokens}: must be at least 1")
         for name, path in self.adapters.items():
-            if not path.is_file():
+            if not path.exists():
                 problems.append(f"--adapter {name}={path}: not found")
         if problems:
             raise ConfigError("; ".join(problems))
 
 
 def parse_adapters(values: tuple[str, ...] | list[str]) -> dict[str, Path]:
-    """``("sentiment=a.lora.gguf", ...)`` as {name: path}; names must be distinct and non-empty."""
+    """``("sentiment=a.lora.gguf", ...)`` or ``("sentiment=runs/sentiment", ...)`` as {name: path}; names
+    must be distinct and non-empty."""
     out: dict[str, Path] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise ConfigError(f"--adapter {value!r}: expected NAME=FILE.lora.gguf")
+            raise ConfigError(f"--adapter {value!r}: expected NAME=FILE.lora.gguf (GGUF base) or NAME=ADAPTER_DIR "
+                              "(PyTorch base)")
         if name in out:
             raise ConfigError(f"--adapter {name}: given twice")
         out[name.strip()] = Path(path.strip()).expanduser()

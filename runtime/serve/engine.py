@@ -1,10 +1,11 @@
 """The served model: an artifact loaded once, N decoding slots on its weights, task adapters, and one
 request's generation (``Decoding``), token by token.
 
-``Engine`` opens the artifact with its back-end from ``runtime.backends`` (the ONNX and GGUF ones
-never import torch), checks its verification record first, and clones the back-end into slots
-that share the weights; a GGUF base loads its LoRA adapters once and each slot applies the one a
-request names.
+``Engine`` checks the artifact and its adapters first (``gate.py``), opens the artifact with its
+back-end from ``runtime.backends`` (the ONNX and GGUF ones never import torch), and clones the
+back-end into slots that share the weights; a GGUF base (llama.cpp LoRA files) or a PyTorch base
+(PEFT named adapters) loads its task adapters once and each slot applies the one a request names.
+A slot's prompt evaluation starts from the first token its cache does not already hold.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.core.errors import EdgeftError
-from edgeft.core.records import files_changed, read_record, record_path
+from edgeft.core.errors import ConfigError, EdgeftError
 from runtime.artifacts import GGUF, UNMERGED, base_model_of, detect_kind
 from runtime.backends import Backend, open_backend
 from runtime.backends.llama_backend import gguf_trained_context
 from runtime.serve.codec import Codec, open_codec
+from runtime.serve.gate import check_served
 from runtime.serve.sampling import StopText, pick_token
 
 
@@ -39,24 +40,6 @@ class RequestTimeout(Exception):
     """A generation ran past the per-request timeout."""
 
 
-def unverified_reason(path: Path) -> str | None:
-    """Why ``path``'s verification record does not vouch for it (missing, failed, stale); None when it does."""
-    try:
-        record = read_record(path)
-    except EdgeftError as e:
-        return e.format_message()
-    if record["status"] != "passed":
-        return f"{record_path(path).name} says it failed verification"
-    return files_changed(path, record)
-
-
-def require_verified(path: Path, allow_unverified: bool) -> None:
-    """Refuse an artifact its record does not vouch for, unless the user said otherwise."""
-    reason = unverified_reason(path)
-    if reason and not allow_unverified:
-        raise EdgeftError(f"{path}: not serving it: {reason} (pass --allow-unverified to serve it anyway)")
-
-
 class Decoding:
     """One request on one slot: ``advance`` decodes one token and returns the text it adds."""
 
@@ -67,6 +50,7 @@ class Decoding:
         self.text, self.stop = codec.stream(), StopText(params.stop)
         self.logits: np.ndarray | None = None
         self.completion_tokens = 0
+        self.reused_tokens = 0  # prompt ids the slot's cache already held (not evaluated again)
         self.finish_reason: str | None = None
 
     @property
@@ -74,11 +58,11 @@ class Decoding:
         return self.finish_reason is not None
 
     def advance(self) -> str:
-        """Prefill on the first call; then pick one token, and step the cache unless generation ends."""
+        """Prefill on the first call (from the first id the slot's cache does not hold); then pick one
+        token, and step the cache unless generation ends."""
         if self.logits is None:
             self.backend.use_adapter(self.adapter)
-            self.backend.reset()
-            self.logits = self.backend.prefill(self.prompt)
+            self.logits, self.reused_tokens = self.backend.prefill_reusing(self.prompt)
         p = self.params
         token = pick_token(self.logits, p.temperature, p.top_p, self.rng)
         if token in self.codec.stop_ids:
@@ -116,14 +100,11 @@ class Engine:
             raise EdgeftError(f"{artifact}: not an artifact edgeft serves (a .gguf file, an ONNX export, "
                               "a merged model directory or an adapter directory)")
         self.kind = kind
-        if kind != UNMERGED:  # an adapter directory is the reference itself: no record to check
-            require_verified(artifact, allow_unverified)
+        self.model_id = name or artifact.name
         adapters = dict(adapters or {})
-        if adapters and kind != GGUF:
-            raise EdgeftError("--adapter: task adapters are served on a GGUF base (export them with "
-                              "`edgeft export gguf-lora`)")
-        for path in adapters.values():
-            require_verified(path, allow_unverified)
+        if self.model_id in adapters:
+            raise ConfigError(f"--adapter {self.model_id}: the base model's own id (choose another name, or --name)")
+        check_served(artifact, kind, adapters, allow_unverified)
         self.n_ctx = min(n_ctx, self._trained_context() or n_ctx)
         first = open_backend(kind, artifact, threads=threads, max_tokens=self.n_ctx)
         self.backends: list[Backend] = [first]
@@ -135,7 +116,6 @@ class Engine:
         except BaseException:
             self.close()
             raise
-        self.model_id = name or artifact.name
         self.adapters = sorted(adapters)
 
     def _tokenizer_dirs(self) -> list[Path]:

@@ -1,5 +1,6 @@
 """Server counters in Prometheus' text exposition format (version 0.0.4): requests by endpoint and
-status, prompt and completion tokens, request latency (a histogram), queue and slot gauges."""
+status, prompt and completion tokens, prompt tokens a slot's cache already held, request latency
+(a histogram), queue and slot gauges."""
 
 from __future__ import annotations
 
@@ -19,16 +20,18 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.tokens = {"prompt": 0, "completion": 0}
+        self.reused = 0
         self.latency: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.gauges = gauges
 
     def observe(self, endpoint: str, status: int, seconds: float, prompt_tokens: int = 0,
-                completion_tokens: int = 0) -> None:
+                completion_tokens: int = 0, reused_tokens: int = 0) -> None:
         with self.lock:
             self.requests[(endpoint, status)] += 1
             self.tokens["prompt"] += prompt_tokens
             self.tokens["completion"] += completion_tokens
+            self.reused += reused_tokens
             counts = self.latency[endpoint]
             for i, bound in enumerate(BUCKETS):
                 if seconds <= bound:
@@ -44,6 +47,10 @@ class Metrics:
             lines += ["# HELP edgeft_tokens_total Tokens processed, by kind (prompt, completion).",
                       "# TYPE edgeft_tokens_total counter"]
             lines += [f'edgeft_tokens_total{{kind="{k}"}} {n}' for k, n in self.tokens.items()]
+            lines += ["# HELP edgeft_prompt_tokens_reused_total Prompt tokens a slot's KV cache already held "
+                      "(a prefix shared with its previous request), not evaluated again.",
+                      "# TYPE edgeft_prompt_tokens_reused_total counter",
+                      f"edgeft_prompt_tokens_reused_total {self.reused}"]
             lines += ["# HELP edgeft_request_seconds Request latency (to the last byte of the answer).",
                       "# TYPE edgeft_request_seconds histogram"]
             for endpoint, counts in sorted(self.latency.items()):
