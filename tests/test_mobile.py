@@ -151,7 +151,7 @@ def pte8_dir(calm_llama_dir, task_file, out_root) -> Path:
     pytest.importorskip("executorch.exir")
     out = out_root / "executorch-8da8w"
     result = _cli(["export", "executorch", "--model", calm_llama_dir, "--output", out, "--quantize", "8da8w",
-                   "--max-seq-len", 128, "--calibration", task_file])
+                   "--max-seq-len", 128, "--calibration", task_file, "--smooth"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -168,7 +168,7 @@ def test_executorch_8da8w_is_smoothed_quantized_and_passes_in_executorch(pte8_di
     metrics = record["metrics"]
     assert metrics["variant"] == "8da8w" and metrics["bars"]["top1"] == 0.93 and metrics["bars"]["mean_kl"] == 0.02
     assert metrics["quantizer"]["scheme"] == "8da8w" and metrics["quantizer"]["weights"].startswith("int8 symmetric")
-    smoothing = metrics["quantizer"]["smoothing"]  # on by default for 8da8w when calibration rows are given
+    smoothing = metrics["quantizer"]["smoothing"]  # forced: this calm model has no massive activations
     assert smoothing["outputs_identical"] and smoothing["channels_scaled"] > 0
     assert smoothing["file"] == str(task_file.resolve()) and smoothing["rows"] == 48
     assert json.loads((pte8_dir / "edgeft-executorch.json").read_text())["quantization"] == "8da8w"
@@ -202,6 +202,9 @@ def test_executorch_refuses_before_work(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     result = _cli(["export", "executorch", "--model", tiny_llama_dir, "--output", tmp_path / "o", "--quantize", "int3"])
     assert result.exit_code == 2
+    result = _cli(["export", "executorch", "--model", tiny_llama_dir, "--output", tmp_path / "o", "--max-seq-len", 20])
+    assert result.exit_code == 2 and "--max-seq-len 20: the verification samples need" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,9 +74,9 @@ def test_smoothing_is_exact_and_moves_the_outliers_into_the_weights(hot_model, c
         _plant(source, torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(str(source))
     calib = load_calibration(calibration_file, tok, max_tokens=1500)
-    result = write_smoothed(source, calib, tmp_path / "smoothed")
-    assert result.exact and result.layers == 2 and result.channels_scaled > 0
-    assert result.max_activation_after < result.max_activation_before / 4, result
+    result = write_smoothed(source, calib, tmp_path / "smoothed", forced=True)
+    assert result["outputs_identical"] and result["layers"] == 2 and result["channels_scaled"] > 0
+    assert result["max_down_input_after"] < result["max_down_input_before"] / 4, result
     ids = calib.sequences[-1]
     assert torch.equal(_logits(source, ids), _logits(tmp_path / "smoothed", ids))  # bit for bit
     from safetensors.torch import load_file
@@ -86,6 +86,20 @@ def test_smoothing_is_exact_and_moves_the_outliers_into_the_weights(hot_model, c
     assert after.dtype == before.dtype
     ratio = (after.float().abs().amax(0) / before.float().abs().amax(0).clamp(min=1e-12))
     assert all(ratio[c] > 4 for c in HOT_CHANNELS)  # the hot channels' columns grew: the outliers moved there
+
+
+def test_default_smoothing_only_for_massive_activations(hot_model, tiny_llama_dir, calibration_file, tmp_path):
+    """Without --smooth the fold is applied only where some channel dwarfs its layer's median."""
+    from transformers import AutoTokenizer
+
+    from export.calibration import load_calibration
+    from export.smoothing import MASSIVE_RATIO, write_smoothed
+
+    calib = load_calibration(calibration_file, AutoTokenizer.from_pretrained(str(hot_model)), max_tokens=1500)
+    folded = write_smoothed(hot_model, calib, tmp_path / "hot")
+    assert "skipped" not in folded and folded["ratio"] >= MASSIVE_RATIO and (tmp_path / "hot" / "config.json").is_file()
+    calm = write_smoothed(tiny_llama_dir, calib, tmp_path / "calm")
+    assert calm["ratio"] < MASSIVE_RATIO and "--smooth forces it" in calm["skipped"] and not (tmp_path / "calm").exists()
 
 
 def test_smoothing_lowers_the_error_of_the_quantized_gguf(hot_model, calibration_file, tmp_path):

@@ -64,7 +64,7 @@ def export_executorch(model_dir: Path, output: Path, *, quantize: str = "8da4w",
         if calib is not None:  # after the reference: the fold is exact, the program is judged against the original
             rows = min(calib.rows, SMOOTHING_ROWS)
             with progress.stage("smooth", f"smoothing outlier activations (first {rows} calibration rows)"):
-                smoothing = smooth_model(model, calib)
+                smoothing = smooth_model(model, calib, forced=smooth is True)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             with progress.stage("export", f"exporting {quantize} to ExecuTorch (torch.export, XNNPACK)"):
                 settings = write_program(model, model_dir, tmp, quantize=quantize, max_seq_len=max_seq_len)

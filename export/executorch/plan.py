@@ -10,6 +10,7 @@ from typing import Any
 from edgeft.core.errors import ConfigError, EdgeftError, one_line
 from edgeft.core.fsutil import ensure_free_space
 from export.onnx.plan import inspect_model_dir
+from export.onnx.reference import GREEDY_TOKENS, sample_prompts
 from runtime.modelfiles import load_tokenizer
 
 QUANTIZATIONS = ("8da8w", "8da4w", "fp32")
@@ -57,6 +58,10 @@ def plan_executorch(model_dir: Path, output: Path, quantize: str, max_seq_len: i
                           f"export (supported: {', '.join(ARCHITECTURES)}); use export onnx --format genai or ort")
     check_executorch()
     tokenizer = load_tokenizer(str(model_dir))
+    needed = max(len(s.prompt) for s in sample_prompts(tokenizer)) + GREEDY_TOKENS + 1
+    if max_seq_len < needed:  # the verification samples must fit the program's cache, or lowering is wasted
+        raise ConfigError(f"--max-seq-len {max_seq_len}: the verification samples need {needed} positions; "
+                          f"use at least {needed}")
     # fp32 program + the quantized copy of the weights while lowering, generously.
     ensure_free_space(output, int(source.n_params * 4 * 1.5) + 64 * 2**20, "the ExecuTorch export")
     return tokenizer

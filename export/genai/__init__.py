@@ -57,7 +57,8 @@ def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, 
     bars = BARS[variant]
     progress = Progress()
     calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
-    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib) as out:
+    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib,
+                         forced_smoothing=smooth is True) as out:
         with progress.stage("genai", "writing genai_config.json"):
             write_genai_config(out.tmp, model_dir, tokenizer, model_type)
         with progress.stage("verify", f"verifying {variant} through onnxruntime-genai against PyTorch"):

@@ -111,8 +111,9 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
         if calib is not None and opts.use_smooth(plan.spec):
             with _timed(timings, "smooth_s"):
                 say(f"smoothing outlier activations (first {min(calib.rows, SMOOTHING_ROWS)} calibration rows)")
-                source = smoothed_plan(plan, Path(work) / plan.model_dir.name)
-                smoothing = {**write_smoothed(plan.model_dir, calib, source.model_dir).describe(), **calib.describe()}
+                smoothed = smoothed_plan(plan, Path(work) / plan.model_dir.name)
+                smoothing = write_smoothed(plan.model_dir, calib, smoothed.model_dir, forced=opts.smooth is True)
+                source = plan if "skipped" in smoothing else smoothed
         try:
             with _timed(timings, "write_s"):
                 write_gguf(source, inter, plan.source_dtype)

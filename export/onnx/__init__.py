@@ -100,7 +100,8 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
             with progress.stage("reference_rows", f"PyTorch reference on {len(evals.rows)} evaluation rows"):
                 eval_ref = reference_answers(model, tokenizer, evals, model_dir=model_dir)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib,
+                                                  forced_smoothing=smooth is True)
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
@@ -143,7 +144,8 @@ def smoothing_calibration(calibration: Path | None, tokenizer: Any, variant: str
 
 
 def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
-                   progress: Progress, calibration: Calibration | None = None) -> tuple[int, dict[str, Any]]:
+                   progress: Progress, calibration: Calibration | None = None, *,
+                   forced_smoothing: bool = False) -> tuple[int, dict[str, Any]]:
     """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings).
     With ``calibration`` the outlier smoothing is folded into ``model`` first (exact; the reference
     was taken before)."""
@@ -151,7 +153,7 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
     if calibration is not None:
         rows = min(calibration.rows, SMOOTHING_ROWS)
         with progress.stage("smooth", f"smoothing outlier activations (first {rows} calibration rows)"):
-            smoothing = smooth_model(model, calibration)
+            smoothing = smooth_model(model, calibration, forced=forced_smoothing)
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
     with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
         export_fp32(model, model_dir, fp32_dir)
@@ -178,13 +180,15 @@ class WrittenVariant:
 
 @contextlib.contextmanager
 def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
-                    overwrite: bool, calibration: Calibration | None = None) -> Iterator[WrittenVariant]:
+                    overwrite: bool, calibration: Calibration | None = None,
+                    forced_smoothing: bool = False) -> Iterator[WrittenVariant]:
     """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
     the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export."""
     with quiet():
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calibration)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calibration,
+                                                  forced_smoothing=forced_smoothing)
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

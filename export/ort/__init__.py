@@ -48,7 +48,8 @@ def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, ov
     bars = BARS[variant]
     progress = Progress()
     calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
-    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib) as out:
+    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib,
+                         forced_smoothing=smooth is True) as out:
         with progress.stage("ort", "converting to ORT format (onnxruntime tools)"):
             out.quantizer["ort_conversion"] = convert_to_ort(out.tmp)
         with progress.stage("verify", f"verifying {variant} model.ort in onnxruntime against PyTorch"):
