@@ -10,7 +10,7 @@ it, then writes, for the same merged model:
                 training rows: an importance matrix (k-quants) and/or the outlier smoothing (q8_0);
   (d) auto      ``--type auto --max-accuracy-drop 1`` judged on the dev rows;
 
-and ONNX int8 and int4 (int8 also smoothed on the training rows). One ``edgeft bench`` then compares every artifact with the unmerged model
+and ONNX int8 and int4 (int8 also smoothed on the training rows, ``--smooth``). One ``edgeft bench`` then compares every artifact with the unmerged model
 (computed in fp32) on the SST-2 dev rows: task accuracy with its 95% interval, top-1 agreement,
 mean KL, size. Resumable: artifacts already written (with a passed or failed record) are kept.
 
@@ -104,10 +104,11 @@ def main() -> int:
         artifacts.append(path)
     for v in [v for v in a.onnx.split(",") if v]:
         for path, calibration in ((out / f"onnx-{v}", None), (out / f"onnx-{v}-calibrated", train_file)):
-            if calibration is not None and not SMOOTHED_VARIANTS.get(v):
+            if calibration is not None and v not in SMOOTHED_VARIANTS:
                 continue
-            if not have(path):
-                export_onnx(merged, path, quantize=v, eval_data=verify_rows, calibration=calibration, overwrite=True)
+            if not have(path):  # the calibrated variant is smoothed (opt-in for ONNX: --smooth)
+                export_onnx(merged, path, quantize=v, eval_data=verify_rows, calibration=calibration,
+                            smooth=True if calibration is not None else None, overwrite=True)
             artifacts.append(path)
     print(f"artifacts ready after {time.time() - t0:.0f} s")
     report = run_bench(BenchConfig(reference=adapter, artifacts=artifacts, data=dev, output=out / "bench",

@@ -128,10 +128,9 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
 @click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Rows the model will see (normally the training data; never the evaluation rows): int8 is "
-                   "smoothed on them (outlier activations folded into the weights, exact).")
+              help="Rows the model will see (normally the training data; never the evaluation rows), for --smooth.")
 @click.option("--smooth/--no-smooth", default=None,
-              help="Force the outlier smoothing on or off (default: on for int8 when --calibration is given).")
+              help="Fold the outlier smoothing into the weights before quantizing (int8/int4; needs --calibration).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
                     calibration: Path | None, smooth: bool | None, overwrite: bool) -> None:

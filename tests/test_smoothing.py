@@ -122,7 +122,7 @@ def test_smoothing_lowers_the_error_of_onnx_int8(hot_model, calibration_file, tm
     from export.onnx import export_onnx
 
     plain = export_onnx(hot_model, tmp_path / "plain", quantize="int8", calibration=calibration_file, smooth=False)
-    smoothed = export_onnx(hot_model, tmp_path / "smooth", quantize="int8", calibration=calibration_file)
+    smoothed = export_onnx(hot_model, tmp_path / "smooth", quantize="int8", calibration=calibration_file, smooth=True)
     assert "smoothing" not in plain.metrics["quantizer"]
     assert smoothed.metrics["quantizer"]["smoothing"]["channels_scaled"] > 0
     kl = {name: rec.metrics["logits"]["mean_kl"] for name, rec in (("plain", plain), ("smooth", smoothed))}
