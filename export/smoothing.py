@@ -48,26 +48,6 @@ FUSED_GATE_UP = {"phi3"}
 DOWN_TENSOR = "mlp.down_proj.weight"
 
 
-@dataclass(frozen=True)
-class SmoothingResult:
-    """What the fold did, for the record."""
-
-    alpha: float
-    layers: int
-    channels_scaled: int
-    max_activation_before: float
-    max_activation_after: float
-    calibration_rows: int
-    exact: bool
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": "up/down channel smoothing, power-of-two scales folded into the weights",
-                "alpha": self.alpha, "layers": self.layers, "channels_scaled": self.channels_scaled,
-                "max_down_input_before": round(self.max_activation_before, 2),
-                "max_down_input_after": round(self.max_activation_after, 2),
-                "calibration_rows": self.calibration_rows, "outputs_identical": self.exact}
-
-
 def supports_smoothing(model_type: str) -> bool:
     return model_type in UP_TENSORS
 
@@ -136,14 +116,19 @@ class Smoothing:
     def massive(self) -> bool:
         return self.ratio >= MASSIVE_RATIO
 
-    def skipped(self) -> dict[str, Any]:
-        return {"skipped": f"largest down-projection input {self.max_before:.1f} is {self.ratio:.0f}x its layer's "
-                           f"median, under {MASSIVE_RATIO:.0f}x: no massive activations to move (--smooth forces it)",
-                "ratio": round(self.ratio, 1)}
-
-    def result(self, exact: bool) -> SmoothingResult:
-        scaled = sum(int((s != 1).sum()) for s in self.scales.values())
-        return SmoothingResult(self.alpha, len(self.scales), scaled, self.max_before, self.max_after, self.rows, exact)
+    def record(self, calibration: Calibration, *, folded: bool) -> dict[str, Any]:
+        """The record's ``smoothing``: what was folded (the fold is exact: outputs identical), or why
+        nothing was, and the calibration rows either way."""
+        if not folded:
+            what = {"skipped": f"largest down-projection input {self.max_before:.1f} is {self.ratio:.0f}x its layer's "
+                               f"median, under {MASSIVE_RATIO:.0f}x: no massive activations to move (--smooth forces it)"}
+        else:
+            what = {"method": "up/down channel smoothing, power-of-two scales folded into the weights",
+                    "alpha": self.alpha, "layers": len(self.scales),
+                    "channels_scaled": sum(int((s != 1).sum()) for s in self.scales.values()),
+                    "max_down_input_before": round(self.max_before, 2), "max_down_input_after": round(self.max_after, 2),
+                    "calibration_rows": self.rows, "outputs_identical": True}
+        return {**what, "ratio": round(self.ratio, 1), **calibration.describe()}
 
 
 def measure_smoothing(model: Any, model_type: str, calibration: Calibration, alpha: float = ALPHA) -> Smoothing:
@@ -174,9 +159,9 @@ def smooth_model(model: Any, calibration: Calibration, alpha: float = ALPHA, *, 
     rows, for the record's quantizer settings."""
     smoothing = measure_smoothing(model, model.config.model_type, calibration, alpha)
     if not forced and not smoothing.massive():
-        return {**smoothing.skipped(), **calibration.describe()}
+        return smoothing.record(calibration, folded=False)
     fold_into_model(model, smoothing)
-    return {**smoothing.result(exact=True).describe(), "ratio": round(smoothing.ratio, 1), **calibration.describe()}
+    return smoothing.record(calibration, folded=True)
 
 
 def write_smoothed(model_dir: Path, calibration: Calibration, dest: Path, alpha: float = ALPHA, *,
@@ -194,7 +179,7 @@ def write_smoothed(model_dir: Path, calibration: Calibration, dest: Path, alpha:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     smoothing = measure_smoothing(model, model_type, calibration, alpha)
     if not forced and not smoothing.massive():
-        return {**smoothing.skipped(), **calibration.describe()}
+        return smoothing.record(calibration, folded=False)
     dest.mkdir(parents=True, exist_ok=True)
     for p in model_dir.iterdir():
         if p.is_file() and p.suffix != ".safetensors":
@@ -206,7 +191,7 @@ def write_smoothed(model_dir: Path, calibration: Calibration, dest: Path, alpha:
     if not _same_logits(model, dest, calibration):
         raise EdgeftError("smoothing changed the model's outputs (a scale under- or overflowed the weights' dtype); "
                           "export with --no-smooth")
-    return {**smoothing.result(exact=True).describe(), "ratio": round(smoothing.ratio, 1), **calibration.describe()}
+    return smoothing.record(calibration, folded=True)
 
 
 def _same_logits(original: Any, smoothed_dir: Path, calibration: Calibration, rows: int = 4) -> bool:

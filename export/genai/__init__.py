@@ -35,7 +35,7 @@ from edgeft.core.records import Record
 from export.genai.plan import GENAI_TYPES, genai_type, plan_genai
 from export.genai.verify import verify_genai
 from export.genai.write import write_genai_config
-from export.onnx import smoothing_calibration, written_variant
+from export.onnx import written_variant
 from export.onnx.plan import parse_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.stages import Progress
@@ -56,9 +56,8 @@ def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, 
     tokenizer, model_type = plan_genai(model_dir, output, variant, overwrite)
     bars = BARS[variant]
     progress = Progress()
-    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
-    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib,
-                         forced_smoothing=smooth is True) as out:
+    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite,
+                         calibration=calibration, smooth=smooth) as out:
         with progress.stage("genai", "writing genai_config.json"):
             write_genai_config(out.tmp, model_dir, tokenizer, model_type)
         with progress.stage("verify", f"verifying {variant} through onnxruntime-genai against PyTorch"):

@@ -180,15 +180,17 @@ class WrittenVariant:
 
 @contextlib.contextmanager
 def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
-                    overwrite: bool, calibration: Calibration | None = None,
-                    forced_smoothing: bool = False) -> Iterator[WrittenVariant]:
+                    overwrite: bool, calibration: Path | None = None,
+                    smooth: bool | None = None) -> Iterator[WrittenVariant]:
     """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
-    the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export."""
+    the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export.
+    ``calibration``/``smooth``: as for ``export_onnx`` (unusable rows or flags are refused before any work)."""
+    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
     with quiet():
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calibration,
-                                                  forced_smoothing=forced_smoothing)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib,
+                                                  forced_smoothing=smooth is True)
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeft.core.records import Record
-from export.onnx import plan_export, smoothing_calibration, written_variant
+from export.onnx import plan_export, written_variant
 from export.onnx.plan import parse_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.stages import Progress
@@ -47,9 +47,8 @@ def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, ov
     tokenizer = plan_export(model_dir, output, variant, overwrite)
     bars = BARS[variant]
     progress = Progress()
-    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
-    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite, calibration=calib,
-                         forced_smoothing=smooth is True) as out:
+    with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite,
+                         calibration=calibration, smooth=smooth) as out:
         with progress.stage("ort", "converting to ORT format (onnxruntime tools)"):
             out.quantizer["ort_conversion"] = convert_to_ort(out.tmp)
         with progress.stage("verify", f"verifying {variant} model.ort in onnxruntime against PyTorch"):
