@@ -121,7 +121,8 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
 @export_group.command("onnx")
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="ONNX output directory.")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True, help="Edge variant.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4", "fp16", "auto"]), default="none", show_default=True,
+              help="Edge variant; auto: the smallest variant within --max-accuracy-drop on --eval-data.")
 @click.option("--format", "fmt", type=click.Choice(list(ONNX_FORMATS)), default="onnx", show_default=True,
               help="onnx: optimum folder; genai: ONNX Runtime GenAI folder (genai_config.json); ort: ORT-format model "
                    "+ required-operators config for onnxruntime mobile.")
@@ -131,16 +132,32 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
               help="Rows the model will see (normally the training data; never the evaluation rows), for --smooth.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Fold the outlier smoothing into the weights before quantizing (int8/int4; needs --calibration).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
+              help="--quantize auto: task accuracy points the variant kept may lose against the merged model.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
-                    calibration: Path | None, smooth: bool | None, overwrite: bool) -> None:
-    """Export to ONNX with KV cache (optimum), optionally quantized, and verify."""
+                    calibration: Path | None, smooth: bool | None, max_accuracy_drop: float, overwrite: bool) -> None:
+    """Export to ONNX with KV cache (optimum), optionally quantized, and verify.
+
+    --quantize auto tries int4 and int8 (int8 also smoothed when --calibration is given) on --eval-data and
+    keeps the smallest within --max-accuracy-drop points of the merged model; the frontier is in the record.
+    """
     import importlib
 
     from edgeft.core.errors import ConfigError
 
     if eval_data is not None and fmt != "onnx":
         raise ConfigError(f"--eval-data: only with --format onnx (not {fmt})")
+    if quantize == "auto":
+        if fmt != "onnx":
+            raise ConfigError(f"--quantize auto: only with --format onnx (not {fmt})")
+        if smooth is not None:
+            raise ConfigError("--smooth/--no-smooth: --quantize auto measures int8 both ways itself")
+        from export.onnx.auto import export_onnx_auto
+
+        _report(export_onnx_auto(model, output, max_accuracy_drop=max_accuracy_drop, eval_data=eval_data,
+                                 calibration=calibration, overwrite=overwrite))
+        return
     module, name = ONNX_FORMATS[fmt]
     export = getattr(importlib.import_module(module), name)
     extra = {"eval_data": eval_data} if eval_data is not None else {}

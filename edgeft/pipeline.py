@@ -43,7 +43,7 @@ from edgeft.core.errors import ConfigError
 from edgeft.core.progress import say
 from edgeft.core.records import passed_and_bound
 
-ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")
+ONNX_VARIANTS = ("fp32", "int8", "int4", "fp16")  # what the phone formats take; `onnx:` also takes auto
 GGUF_VARIANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto")
 EXECUTORCH_VARIANTS = ("8da8w", "8da4w", "fp32")
 # Phone formats, by export key: (variants, exporter module, its function, modules it needs: the mobile extra).
@@ -71,7 +71,7 @@ class PipelineConfig:
     bench_threads: int | None = None
     bench_max_rows: int | None = 64
     strict: bool = False
-    max_accuracy_drop: float = 1.0  # points: `gguf: [auto]` keeps the smallest file within it
+    max_accuracy_drop: float = 1.0  # points: `gguf: [auto]` / `onnx: [auto]` keep the smallest artifact within it
     bench_extra: dict[str, Any] = field(default_factory=dict)  # other BenchConfig fields (repeats, new_tokens, ...)
 
 
@@ -163,7 +163,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     cfg = PipelineConfig(
         output=out, train=train,
         merge_policy=str(merge.get("policy", "auto")), merge_dtype=str(merge.get("dtype", "fp32")),
-        onnx=_variants(export.get("onnx", ["fp32", "int8"]), ONNX_VARIANTS, f"{path}: export.onnx"),
+        onnx=_variants(export.get("onnx", ["fp32", "int8"]), (*ONNX_VARIANTS, "auto"), f"{path}: export.onnx"),
         gguf=_variants(export.get("gguf", ["f16", "q8_0", "q4_k_m"]), GGUF_VARIANTS, f"{path}: export.gguf"),
         bench_data=bench.get("data") or train.eval_data or train.data,
         bench_threads=bench.get("threads"), bench_max_rows=bench.get("max_rows", 64), strict=bool(bench.get("strict", False)),
@@ -229,6 +229,12 @@ def stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[], bool], Callable[
         def run_onnx(v=v, target=target) -> None:
             from export.onnx import export_onnx
 
+            if v == "auto":  # calibrated on the training rows, judged on the evaluation rows
+                from export.onnx.auto import export_onnx_auto
+
+                _verdict(export_onnx_auto(merged, target, max_accuracy_drop=cfg.max_accuracy_drop, overwrite=True,
+                                          eval_data=_eval_data(cfg), calibration=Path(cfg.train.data)))
+                return
             _verdict(export_onnx(merged, target, quantize=None if v == "fp32" else v, overwrite=True,
                                  eval_data=_eval_data(cfg), calibration=Path(cfg.train.data)))
 

@@ -114,7 +114,7 @@ def point(name: str, size: int, drop: float, budget: float = 1.0, status: str = 
 
 
 def test_auto_keeps_the_smaller_candidate_when_both_fit_and_the_larger_when_only_it_does():
-    from export.gguf.auto import choose
+    from export.frontier import choose
 
     assert choose([point("q4_k_m", 100, 0.5), point("q8_0", 180, 0.0)])["candidate"] == "q4_k_m"
     assert choose([point("q4_k_m", 100, 3.0), point("q8_0", 180, 0.0)])["candidate"] == "q8_0"
@@ -149,3 +149,57 @@ def test_bad_budget_is_refused(tmp_path, outlier_model):
     r = CliRunner().invoke(cli, ["export", "gguf", "--model", str(outlier_model), "--output", str(tmp_path / "x.gguf"),
                                  "--type", "auto", "--max-accuracy-drop", "-1"])
     assert r.exit_code == 2 and "--max-accuracy-drop" in r.output
+
+
+def test_onnx_auto_keeps_the_smallest_passing_variant_with_its_frontier(outlier_model, calibration_file, tmp_path):
+    from edgeft.core.records import passed_and_bound, read_record
+    from edgeft.tasks import make_rows
+    from export.onnx.auto import FRONTIER_PNG, export_onnx_auto
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps(r) + "\n" for r in make_rows(6, seed=12)))
+    out = tmp_path / "onnx-auto"
+    rec = export_onnx_auto(outlier_model, out, max_accuracy_drop=100.0, eval_data=evals, calibration=calibration_file,
+                           candidates=(("fp16", False), ("int8", True)))
+    auto = rec.metrics["auto"]
+    sizes = {p["candidate"]: p["size_bytes"] for p in auto["frontier"]}
+    assert sorted(sizes) == ["fp16", "int8-smoothed"] and all(p["within_budget"] for p in auto["frontier"])
+    # Both fit a 100-point budget: the smaller is kept. On this tiny model (49k vocabulary, hidden 256) that
+    # is fp16: int8 unties the logits projection from the embedding to quantize it, a second matrix.
+    smaller = min(sizes, key=sizes.get)
+    assert auto["chosen"] == smaller == auto["frontier"][0]["candidate"]
+    assert rec.metrics["variant"] == smaller.removesuffix("-smoothed")
+    assert passed_and_bound(out) and read_record(out)["metrics"]["auto"]["chosen"] == smaller
+    assert (out / FRONTIER_PNG).stat().st_size > 1000
+    assert not list(tmp_path.glob(".onnx-auto*"))  # the candidates tried are gone
+
+
+def test_onnx_auto_writes_fp16_when_no_quantized_variant_passes(outlier_model, tmp_path, monkeypatch):
+    import export.onnx as onnx_export
+    from edgeft.tasks import make_rows
+    from export.onnx.auto import export_onnx_auto
+
+    bars = dict(onnx_export.BARS)
+    bars["int8"] = onnx_export.Bars(top1=1.01, mean_kl=bars["int8"].mean_kl, max_size_ratio=bars["int8"].max_size_ratio)
+    monkeypatch.setattr(onnx_export, "BARS", bars)  # int8 cannot pass: nothing quantized is within budget
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4, seed=13)))
+    rec = export_onnx_auto(outlier_model, tmp_path / "o", max_accuracy_drop=1.0, eval_data=evals,
+                           candidates=(("int8", False), ("int8", True)))  # no calibration: the smoothed one is skipped
+    assert rec.metrics["auto"]["chosen"] == "fp16" and rec.metrics["variant"] == "fp16"
+    assert [p["candidate"] for p in rec.metrics["auto"]["frontier"]] == ["int8"]
+    assert not rec.metrics["auto"]["frontier"][0]["within_budget"]
+
+
+def test_onnx_auto_refusals_are_one_line(outlier_model, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    base = ["export", "onnx", "--model", str(outlier_model), "--output", str(tmp_path / "o"), "--quantize", "auto"]
+    for args, message in (([], "--quantize auto needs --eval-data"),
+                          (["--format", "genai"], "--quantize auto: only with --format onnx"),
+                          (["--eval-data", str(tmp_path / "e.jsonl"), "--smooth"], "measures int8 both ways")):
+        result = CliRunner().invoke(cli, [*base, *args])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -124,6 +124,8 @@ def test_shipped_pipeline_example_loads(tmp_path, good):
     p.write_text(text)
     cfg = load_pipeline(p)
     assert cfg.onnx == ["fp32", "int8"] and cfg.gguf == ["f16", "q8_0", "q4_k_m"]
+    p.write_text(text.replace("onnx: [fp32, int8]", "onnx: [auto]"))
+    assert load_pipeline(p).onnx == ["auto"]  # the accuracy-budget search, for the ONNX export only
     assert cfg.train.output == str(tmp_path / "pipeline" / "adapter") and cfg.bench_extra["new_tokens"] == 128
 
 
@@ -134,7 +136,7 @@ def test_pipeline_phone_formats_are_checked_and_the_example_loads(tmp_path, good
     from edgeft.pipeline import EXECUTORCH_VARIANTS, load_pipeline
 
     p = tmp_path / "p.yaml"
-    for key, bad in (("genai", "int3"), ("ort", "8da8w"), ("executorch", "int8")):
+    for key, bad in (("genai", "int3"), ("ort", "8da8w"), ("executorch", "int8"), ("genai", "auto")):
         p.write_text(f"output: {tmp_path}/o\ntrain: {{data: {good}}}\nexport: {{{key}: [{bad}]}}\n")
         r = invoke("run", "--config", str(p))
         assert r.exit_code == 2 and f"export.{key}: unknown variant(s) {bad}" in error_line(r)

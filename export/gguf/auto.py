@@ -17,6 +17,7 @@ from typing import Any
 from edgeft.core.errors import ConfigError
 from edgeft.core.progress import say
 from edgeft.core.records import Record, record_path, write_record
+from export.frontier import FRONTIER_SUFFIX, check_auto_inputs, choose, frontier_point, plot_frontier, record_checks, work_dir
 from export.gguf.tables import QuantOptions
 
 # Smallest first (bits per weight as llama.cpp's mixes come out on small models); imatrix variants
@@ -26,7 +27,6 @@ CANDIDATES: tuple[tuple[str, bool], ...] = (
     ("q6_k", True), ("q6_k", False), ("q8_0", False),
 )
 FALLBACK = "f16"
-FRONTIER_SUFFIX = ".frontier.png"
 
 
 def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float, eval_data: Path | None,
@@ -35,16 +35,11 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
     """Search ``CANDIDATES`` (see the module docstring); returns the kept file's record."""
     from export.gguf import export_gguf
 
-    if not 0 <= max_accuracy_drop <= 100:
-        raise ConfigError(f"--max-accuracy-drop {max_accuracy_drop}: must be between 0 and 100 (points)")
-    if eval_data is None:
-        raise ConfigError("--type auto needs --eval-data: the candidates are judged on your evaluation rows")
+    check_auto_inputs(max_accuracy_drop, eval_data, "--type")
     output = Path(output)
     if output.exists() and not overwrite:
         raise ConfigError(f"--output {output} already exists; pass --overwrite to replace it")
-    work = output.with_name(f".{output.name}.auto")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = work_dir(output)
     frontier: list[dict[str, Any]] = []
     try:
         for qtype, imatrix in candidates:
@@ -54,7 +49,8 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
             say(f"--type auto: trying {path.stem}")
             rec = export_gguf(model_dir, path, qtype=qtype, calibration=calibration if imatrix else None,
                               eval_data=eval_data, quant_options=QuantOptions(imatrix=imatrix))
-            frontier.append(_point(path.stem, qtype, imatrix, rec, max_accuracy_drop))
+            frontier.append(frontier_point(path.stem, rec, rec.metrics["file_size_bytes"], max_accuracy_drop,
+                                           type=qtype, imatrix=imatrix))
         frontier.sort(key=lambda p: p["size_bytes"])
         best = choose(frontier)
         chosen = work / f"{best['candidate']}.gguf" if best else None
@@ -65,22 +61,6 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
         return _keep(chosen, output, frontier, max_accuracy_drop)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def choose(frontier: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The smallest candidate within the budget (ties: the lower KL), or None."""
-    fits = [p for p in frontier if p["within_budget"]]
-    return min(fits, key=lambda p: (p["size_bytes"], p["mean_kl"] or 0.0)) if fits else None
-
-
-def _point(name: str, qtype: str, imatrix: bool, rec: Record, budget: float) -> dict[str, Any]:
-    rows = rec.metrics.get("eval_rows") or {}
-    drop = 100 * (rows.get("reference_task_accuracy", 0.0) - rows.get("task_accuracy", 0.0))
-    return {"candidate": name, "type": qtype, "imatrix": imatrix, "size_bytes": rec.metrics["file_size_bytes"],
-            "task_accuracy": rows.get("task_accuracy"), "reference_task_accuracy": rows.get("reference_task_accuracy"),
-            "accuracy_drop_points": round(drop, 3), "top1_agreement": rows.get("top1_agreement"),
-            "mean_kl": rows.get("mean_kl"), "verification": rec.status,
-            "within_budget": rec.status == "passed" and drop <= budget + 1e-9}
 
 
 def _keep(chosen: Path, output: Path, frontier: list[dict[str, Any]], budget: float) -> Record:
@@ -102,44 +82,7 @@ def _keep(chosen: Path, output: Path, frontier: list[dict[str, Any]], budget: fl
     metrics = {**rec_dict["metrics"], "auto": {"max_accuracy_drop_points": budget, "chosen": chosen.stem,
                                                "frontier": frontier, "frontier_png": str(plot)}}
     record = Record(artifact=str(output), kind="gguf", reference=rec_dict["reference"],
-                    checks=_checks(rec_dict), metrics=metrics)
+                    checks=record_checks(rec_dict), metrics=metrics)
     write_record(output, record)
     say(f"--type auto: kept {chosen.stem} ({output.stat().st_size / 2**20:.1f} MiB) within {budget:g} point(s)")
     return record
-
-
-def _checks(rec: dict[str, Any]) -> list[Any]:
-    from edgeft.core.records import Check
-
-    return [Check(c["name"], c["value"], c.get("threshold"), c.get("op", ">=")) for c in rec["checks"]]
-
-
-def plot_frontier(frontier: list[dict[str, Any]], path: Path, budget: float) -> Path:
-    """Size against task accuracy (and mean KL) of every candidate; the budget line; the kept one marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from edgeft.core.fsutil import atomic_file
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for p in frontier:
-        size = p["size_bytes"] / 2**20
-        marker = "o" if p["within_budget"] else "x"
-        a1.scatter([size], [100 * (p["task_accuracy"] or 0)], marker=marker)
-        a1.annotate(p["candidate"], (size, 100 * (p["task_accuracy"] or 0)), fontsize=7)
-        a2.scatter([size], [p["mean_kl"] or 0], marker=marker)
-        a2.annotate(p["candidate"], (size, p["mean_kl"] or 0), fontsize=7)
-    ref = next((p["reference_task_accuracy"] for p in frontier if p["reference_task_accuracy"] is not None), None)
-    if ref is not None:
-        a1.axhline(100 * ref, color="grey", lw=0.8, label="merged model")
-        a1.axhline(100 * ref - budget, color="red", lw=0.8, ls="--", label=f"budget (-{budget:g} pt)")
-        a1.legend(fontsize=7)
-    a1.set(xlabel="file size (MiB)", ylabel="task accuracy (%)", title="accuracy on your evaluation rows")
-    a2.set(xlabel="file size (MiB)", ylabel="mean KL vs merged (nats)", title="distribution agreement", yscale="log")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path

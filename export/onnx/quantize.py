@@ -14,13 +14,17 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
   activations (~3000 against a median of ~2). Weight-only at accuracy_level 0: 0.96 / 0.002 but
   7-10x slower decode than fp32.
 - ``int4``: MatMulNBits 4-bit blocks of 32 from the HQQ quantizer, whose float zero points are split
-  into uint4 zero points plus a per-block offset MatMul (``split_float_zero_points``) so the fast
-  kernels apply; logits projection 8-bit, embedding fp16: 0.974 / 0.004; 158 MiB, 35 ms.
-  Caveat: these weights were dequantized from a Q4_1 GGUF and HQQ recovers that grid. With a
-  rank-8 delta of 5% of each weight's norm added (a LoRA merge), int4 measures 0.82 / 0.15 (fails its
-  bar; int8 stays at 0.96 / 0.006). Round-to-nearest 4-bit (symmetric or not, blocks 16-64,
-  k-quant search) measured 0.66-0.71 / 0.38-0.47 on the default weights; HQQ with its float zero
-  points kept is as accurate as the split form but ~6x slower than fp32 on CPU.
+  into uint4 zero points plus a per-block offset MatMul (``split_float_zero_points``) so the fast kernels
+  apply; every ``down_proj`` and ``v_proj`` at 8 bits (as llama.cpp's q4_k_m keeps ffn_down and attn_v at
+  a higher type), int8 compute, logits projection 8-bit, embedding fp16. Chosen on two fine-tunes, on
+  their dev rows (top-1 / mean KL against the merged model; ``benchmarks/onnx_int4.py``, README table):
+  keeping down_proj and v_proj at 8 bits helped both 4-bit quantizers on both models; with them HQQ led
+  k-quant on Gemma 3 270M (0.74 / 0.26 against 0.60 / 0.48) and on SmolLM2-135M's top-1 (0.79 against
+  0.78; KL 0.34 against 0.26). All 4-bit alone: 0.63 / 0.92 (HQQ) and 0.70 / 0.62 (k-quant) on SmolLM2.
+  Both bases were dequantized from GGUF files (Q4_1, Q4_K_M), a grid HQQ recovers; a model trained in
+  16 bits may rank them differently. onnxruntime's GPTQ (6 x 512 calibration tokens, 13 min on 2 cores)
+  measured 0.64 / 0.59 on SmolLM2 all-4-bit, below k-quant. int8 compute (accuracy_level 4) against fp32
+  compute changed nothing measurable (round to nearest: 0.676 / 0.52 both) and decodes several times faster.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class Int8Settings:
     block_size: int = 32  # weight_only: weights per scale along the input dimension
     symmetric: bool = True  # weight_only: no zero point
     accuracy_level: int | None = 4  # weight_only: int8 compute in MLAS; several times faster decode on x86
-    lm_head_bits: int | None = 8  # logits projection (untied from the embedding to quantize it), None = float
+    lm_head_bits: int | None = 8  # logits projection (untied from the embedding to quantize it): 8 bits, or None = float
     embedding: str = "fp16"  # embedding table: "fp16" (exact enough, half size) or "fp32"
     per_channel: bool = True  # dynamic only: one scale per output column
     reduce_range: bool = False  # dynamic only: 7-bit weights, for CPUs without VNNI
@@ -54,17 +58,24 @@ class Int8Settings:
 
 @dataclass(frozen=True)
 class Int4Settings:
-    """4-bit variant. Defaults chosen by measurement on SmolLM2-135M (module docstring)."""
+    """4-bit variant. Defaults chosen by measurement on two fine-tunes (module docstring)."""
 
-    # "hqq": MatMulNBitsQuantizer's HQQ (data-free, float zero points), whose float zero points are
-    # then split into uint4 zero points plus a per-block offset so MLAS's fast kernels run it.
-    # "rtn": the DEFAULT round-to-nearest quantizer (integer zero points): top-1 0.67 on SmolLM2-135M.
+    # "hqq": HQQ (data-free), whose float zero points are split into uint4 zero points plus a per-block
+    # offset MatMul (``split_float_zero_points``) so MLAS's fast kernels run it. "k_quant": onnxruntime's
+    # k-quant search (integer zero points). "rtn": round to nearest (the DEFAULT quantizer).
     algorithm: str = "hqq"
     block_size: int = 32  # weights per scale along the input dimension
     symmetric: bool = False  # rtn only
     accuracy_level: int | None = 4  # int8 compute in MLAS: several times faster decode on x86
+    # MatMuls whose node name contains one of these stay at 8 bits (llama.cpp's q4_k_m keeps ffn_down and
+    # attn_v higher too): mean KL 0.92 -> 0.34 on the SmolLM2 SST-2 fine-tune for 8% more bytes.
+    higher_precision: tuple[str, ...] = ("down_proj", "v_proj")
     lm_head_bits: int | None = 8  # logits projection at 8 bits: 4 bits there costs the most agreement
     embedding: str = "fp16"  # "fp16", "fp32" or "int4" (GatherBlockQuantized; KL x5 on SmolLM2-135M)
+
+
+INT4_ALGORITHMS = ("k_quant", "rtn", "hqq")
+EIGHT_BIT_BLOCK = 32  # the 8-bit pass of int4 (logits projection, higher-precision MatMuls): symmetric blocks
 
 
 # Variants that can take the outlier smoothing (export/smoothing.py) -> whether they do by default when
@@ -97,68 +108,82 @@ def quantize_int8(src: Path, dest: Path, settings: Int8Settings) -> dict[str, An
         return _int8_dynamic(src, dest, settings)
     if settings.method != "weight_only":
         raise ConfigError(f"int8 method {settings.method!r}: expected weight_only or dynamic")
-    return _weight_only(src, dest, bits=8, algorithm="rtn", block_size=settings.block_size,
-                        symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
-                        lm_head_bits=settings.lm_head_bits, embedding=settings.embedding) | {"int8": asdict(settings)}
+    return _weight_only(src, dest, bits=8, settings=settings) | {"int8": asdict(settings)}
 
 
 def quantize_int4(src: Path, dest: Path, settings: Int4Settings) -> dict[str, Any]:
-    """4-bit weight-only blocks (MatMulNBits). Returns the settings used."""
-    if settings.algorithm not in ("hqq", "rtn"):
-        raise ConfigError(f"int4 algorithm {settings.algorithm!r}: expected hqq or rtn")
-    return _weight_only(src, dest, bits=4, algorithm=settings.algorithm, block_size=settings.block_size,
-                        symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
-                        lm_head_bits=settings.lm_head_bits, embedding=settings.embedding) | {"int4": asdict(settings)}
+    """4-bit weight-only blocks (MatMulNBits), the higher-precision MatMuls at 8 bits. Returns the settings used."""
+    if settings.algorithm not in INT4_ALGORITHMS:
+        raise ConfigError(f"int4 algorithm {settings.algorithm!r}: expected one of {', '.join(INT4_ALGORITHMS)}")
+    return _weight_only(src, dest, bits=4, settings=settings) | {"int4": asdict(settings)}
 
 
-def _weight_only(src: Path, dest: Path, *, bits: int, algorithm: str, block_size: int, symmetric: bool,
-                 accuracy_level: int | None, lm_head_bits: int | None, embedding: str) -> dict[str, Any]:
-    """MatMulNBitsQuantizer passes: transformer MatMuls at ``bits``, then the logits projection, then the embedding."""
+def _weight_only(src: Path, dest: Path, *, bits: int, settings: Int8Settings | Int4Settings) -> dict[str, Any]:
+    """MatMulNBitsQuantizer passes: transformer MatMuls at ``bits``; then, at 8 bits, the logits projection
+    and every MatMul the first pass left (``higher_precision``); then the embedding."""
     import onnx
 
     try:  # onnxruntime's quantizer imports onnx_ir, which onnxruntime does not declare as a dependency
-        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
     except ImportError as e:
         raise EdgeftError(f"int{bits} export needs onnxruntime's quantizer ({one_line(e)}); run `pip install onnx-ir`") from None
-
-    def rtn(model: Any, n_bits: int, **nodes: Any) -> Any:
-        q = MatMulNBitsQuantizer(model, bits=n_bits, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",), **nodes)
-        q.process()
-        return q.model.model
-
+    algorithm = getattr(settings, "algorithm", "rtn")
     try:
         model = onnx.load(str(src))
-        lm_head = untie_lm_head(model) if lm_head_bits else lm_head_node(model)
-        skip = [lm_head] if lm_head else []
-        if algorithm == "hqq":
-            config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",))
-            q = MatMulNBitsQuantizer(model, nodes_to_exclude=skip, algo_config=config)
-            q.process()
-            model = q.model.model
-            split_float_zero_points(model, accuracy_level)
-        else:
-            model = rtn(model, bits, nodes_to_exclude=skip)
-        if lm_head_bits and lm_head:
-            # After the first pass the only float MatMul with a constant weight left is the logits projection.
-            model = rtn(model, lm_head_bits, nodes_to_include=[lm_head])
-        if embedding == "int4":
-            q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                     op_types_to_quantize=("Gather",))
-            q.process()
-            model = q.model.model
-        elif embedding == "fp16":
+        lm_head = untie_lm_head(model) if settings.lm_head_bits else lm_head_node(model)
+        kept = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                and any(part in n.name for part in getattr(settings, "higher_precision", ()))]
+        model = _first_pass(model, bits, algorithm, settings, exclude=kept + ([lm_head] if lm_head else []))
+        if kept or (settings.lm_head_bits and lm_head):
+            # Every MatMul with a constant weight still float: the logits projection unless it stays float,
+            # the higher-precision ones (and HQQ's per-block offsets, measured no worse at 8 bits).
+            model = run_quantizer(MatMulNBitsQuantizer(model, bits=8, block_size=EIGHT_BIT_BLOCK, is_symmetric=True,
+                                              accuracy_level=settings.accuracy_level, op_types_to_quantize=("MatMul",),
+                                              nodes_to_exclude=[] if settings.lm_head_bits or not lm_head else [lm_head]))
+        if settings.embedding == "int4":
+            model = run_quantizer(MatMulNBitsQuantizer(model, bits=4, block_size=settings.block_size,
+                                              is_symmetric=settings.symmetric, op_types_to_quantize=("Gather",)))
+        elif settings.embedding == "fp16":
             embedding_to_fp16(model)
         save_onnx(model, dest)
     except (EdgeftError, MemoryError):
         raise
     except Exception as e:
         raise EdgeftError(f"int{bits} quantization failed: {one_line(e)}") from None
-    how = "HQQ, float zero points split" if algorithm == "hqq" else "DEFAULT, round to nearest"
+    how = {"hqq": "HQQ, float zero points split", "k_quant": "k-quant search"}.get(algorithm, "DEFAULT, round to nearest")
     return {"method": f"onnxruntime MatMulNBitsQuantizer ({how})", "bits": bits, "algorithm": algorithm,
-            "block_size": block_size, "symmetric": symmetric if algorithm == "rtn" else None,
-            "accuracy_level": accuracy_level, "lm_head_node": lm_head, "lm_head_bits": lm_head_bits,
-            "embedding": embedding}
+            "block_size": settings.block_size, "symmetric": settings.symmetric if algorithm == "rtn" else None,
+            "accuracy_level": settings.accuracy_level, "lm_head_node": lm_head, "lm_head_bits": settings.lm_head_bits,
+            "eight_bit_nodes": len(kept), "embedding": settings.embedding}
+
+
+def _first_pass(model: Any, bits: int, algorithm: str, settings: Int8Settings | Int4Settings, exclude: list[str]) -> Any:
+    """The transformer MatMuls (all but ``exclude``) at ``bits`` with ``algorithm``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig, KQuantWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    common = {"bits": bits, "block_size": settings.block_size, "accuracy_level": settings.accuracy_level,
+              "nodes_to_exclude": exclude}
+    if algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=bits, op_types_to_quantize=("MatMul",))
+        model = run_quantizer(MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config))
+        split_float_zero_points(model, settings.accuracy_level)
+        return model
+    if algorithm == "k_quant":
+        config = KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+        return run_quantizer(MatMulNBitsQuantizer(model, is_symmetric=False, algo_config=config, **common))
+    return run_quantizer(MatMulNBitsQuantizer(model, is_symmetric=settings.symmetric, op_types_to_quantize=("MatMul",), **common))
+
+
+def run_quantizer(quantizer: Any) -> Any:
+    """Run an onnxruntime weight quantizer; its model as a ModelProto (the k-quant path wraps it once more)."""
+    from onnx import ModelProto
+
+    quantizer.process()
+    model = quantizer.model
+    while not isinstance(model, ModelProto):
+        model = model.model
+    return model
 
 
 def _int8_dynamic(src: Path, dest: Path, settings: Int8Settings) -> dict[str, Any]:

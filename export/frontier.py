@@ -1,0 +1,83 @@
+"""The accuracy-budget search shared by ``--type auto`` (GGUF) and ``--quantize auto`` (ONNX): one frontier
+point per verified candidate, the choice of the smallest one within the budget, and the frontier plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeft.core.errors import ConfigError
+from edgeft.core.records import Check, Record
+
+FRONTIER_SUFFIX = ".frontier.png"
+
+
+def check_auto_inputs(max_accuracy_drop: float, eval_data: Path | None, flag: str) -> None:
+    """The budget and the evaluation rows an auto search needs (one-line errors naming the flag)."""
+    if not 0 <= max_accuracy_drop <= 100:
+        raise ConfigError(f"--max-accuracy-drop {max_accuracy_drop}: must be between 0 and 100 (points)")
+    if eval_data is None:
+        raise ConfigError(f"{flag} auto needs --eval-data: the candidates are judged on your evaluation rows")
+
+
+def work_dir(output: Path) -> Path:
+    """A fresh hidden folder beside ``output`` for the candidates (the caller removes it when done)."""
+    import shutil
+
+    work = output.with_name(f".{output.name}.auto")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def frontier_point(name: str, rec: Record, size_bytes: int, budget: float, **about: Any) -> dict[str, Any]:
+    """One candidate's place on the frontier from its verification record (figures on the user's rows)."""
+    rows = rec.metrics.get("eval_rows") or {}
+    drop = 100 * (rows.get("reference_task_accuracy", 0.0) - rows.get("task_accuracy", 0.0))
+    return {"candidate": name, **about, "size_bytes": size_bytes,
+            "task_accuracy": rows.get("task_accuracy"), "reference_task_accuracy": rows.get("reference_task_accuracy"),
+            "accuracy_drop_points": round(drop, 3), "top1_agreement": rows.get("top1_agreement"),
+            "mean_kl": rows.get("mean_kl"), "verification": rec.status,
+            "within_budget": rec.status == "passed" and drop <= budget + 1e-9}
+
+
+def record_checks(rec: dict[str, Any]) -> list[Check]:
+    """The checks of a record read back from disk, to carry into the record of the kept candidate."""
+    return [Check(c["name"], c["value"], c.get("threshold"), c.get("op", ">=")) for c in rec["checks"]]
+
+
+def choose(frontier: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The smallest candidate within the budget (ties: the lower KL), or None."""
+    fits = [p for p in frontier if p["within_budget"]]
+    return min(fits, key=lambda p: (p["size_bytes"], p["mean_kl"] or 0.0)) if fits else None
+
+
+def plot_frontier(frontier: list[dict[str, Any]], path: Path, budget: float, size_label: str = "file size (MiB)") -> Path:
+    """Size against task accuracy (and mean KL) of every candidate; the budget line; misses marked x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgeft.core.fsutil import atomic_file
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for p in frontier:
+        size = p["size_bytes"] / 2**20
+        marker = "o" if p["within_budget"] else "x"
+        a1.scatter([size], [100 * (p["task_accuracy"] or 0)], marker=marker)
+        a1.annotate(p["candidate"], (size, 100 * (p["task_accuracy"] or 0)), fontsize=7)
+        a2.scatter([size], [p["mean_kl"] or 0], marker=marker)
+        a2.annotate(p["candidate"], (size, p["mean_kl"] or 0), fontsize=7)
+    ref = next((p["reference_task_accuracy"] for p in frontier if p["reference_task_accuracy"] is not None), None)
+    if ref is not None:
+        a1.axhline(100 * ref, color="grey", lw=0.8, label="merged model")
+        a1.axhline(100 * ref - budget, color="red", lw=0.8, ls="--", label=f"budget (-{budget:g} pt)")
+        a1.legend(fontsize=7)
+    a1.set(xlabel=size_label, ylabel="task accuracy (%)", title="accuracy on your evaluation rows")
+    a2.set(xlabel=size_label, ylabel="mean KL vs merged (nats)", title="distribution agreement", yscale="log")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,80 @@
+"""``edgeft export onnx --quantize auto``: the smallest ONNX variant that keeps the task accuracy the user can afford.
+
+Candidates (``CANDIDATES``: int4 and int8, int8 also with the outlier smoothing when calibration rows are
+given) are exported and verified one by one on the user's evaluation rows; the smallest whose task
+accuracy falls by at most ``--max-accuracy-drop`` points below the merged model's (and that passes its
+verification) is kept under the output name, with the frontier (size against task accuracy and KL of every
+candidate) in its record and as ``frontier.png`` inside the folder. When no quantized candidate stays within
+the budget, fp16 is written (lossless on these models) and the record says so.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgeft.core.progress import say
+from edgeft.core.records import Record, read_record, write_record
+from export.frontier import check_auto_inputs, choose, frontier_point, plot_frontier, record_checks, work_dir
+from export.onnx.plan import check_output
+
+# (variant, smoothed), any order: the frontier is sorted by the size each candidate comes out at.
+CANDIDATES: tuple[tuple[str, bool], ...] = (("int4", False), ("int8", False), ("int8", True))
+FALLBACK = "fp16"
+FRONTIER_PNG = "frontier.png"
+
+
+def export_onnx_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float, eval_data: Path | None,
+                     calibration: Path | None = None, overwrite: bool = False,
+                     candidates: tuple[tuple[str, bool], ...] = CANDIDATES) -> Record:
+    """Search ``candidates`` (see the module docstring); returns the kept folder's record."""
+    from export.onnx import export_onnx
+
+    check_auto_inputs(max_accuracy_drop, eval_data, "--quantize")
+    output = Path(output)
+    check_output(output, overwrite)
+    work = work_dir(output)
+    frontier: list[dict[str, Any]] = []
+    try:
+        for variant, smoothed in candidates:
+            if smoothed and calibration is None:
+                continue
+            name = f"{variant}-smoothed" if smoothed else variant
+            say(f"--quantize auto: trying {name}")
+            rec = export_onnx(model_dir, work / name, quantize=variant, eval_data=eval_data,
+                              calibration=calibration if smoothed else None, smooth=smoothed)
+            frontier.append(frontier_point(name, rec, rec.metrics["size_bytes"], max_accuracy_drop,
+                                           variant=variant, smoothed=smoothed))
+        frontier.sort(key=lambda p: p["size_bytes"])
+        best = choose(frontier)
+        if best is None:
+            say(f"--quantize auto: no quantized variant stays within {max_accuracy_drop:g} point(s); writing {FALLBACK}")
+            export_onnx(model_dir, work / FALLBACK, quantize=FALLBACK, eval_data=eval_data)
+        chosen = work / (best["candidate"] if best else FALLBACK)
+        return _keep(chosen, output, frontier, max_accuracy_drop)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep(chosen: Path, output: Path, frontier: list[dict[str, Any]], budget: float) -> Record:
+    """Record the frontier in the chosen folder, then rename it to the output name (an existing output is
+    moved aside first and removed only once the new one is in place)."""
+    old = read_record(chosen)
+    plot_frontier(frontier, chosen / FRONTIER_PNG, budget, size_label="model size (MiB)")
+    metrics = {**old["metrics"], "auto": {"max_accuracy_drop_points": budget, "chosen": chosen.name,
+                                          "frontier": frontier, "frontier_png": str(output / FRONTIER_PNG)}}
+    record = Record(artifact=str(output), kind=old["kind"], reference=old["reference"],
+                    checks=record_checks(old), metrics=metrics)
+    write_record(chosen, record)  # bound to the same files by name; the folder moves whole
+    output.parent.mkdir(parents=True, exist_ok=True)
+    previous = output.with_name(f".{output.name}.previous")
+    if output.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        output.rename(previous)
+    chosen.rename(output)
+    shutil.rmtree(previous, ignore_errors=True)
+    size = metrics["size_bytes"] / 2**20
+    say(f"--quantize auto: kept {chosen.name} ({size:.1f} MiB)" + (f" within {budget:g} point(s)"
+                                                                  if chosen.name != FALLBACK else ""))
+    return record
