@@ -53,8 +53,9 @@ GPU_SPEEDUP_TARGET = 2.0
 CPU_SPEEDUP_TARGET, CPU_MEMORY_TARGET = 1.5, 1.0
 
 
-def write_data(path: Path, rows: int) -> None:
-    with open(SST2) as fh, open(path, "w") as out:
+def write_data(path: Path, rows: int, tsv: Path = SST2) -> None:
+    """The first ``rows`` rows of an SST-2 TSV (label, tab, text) as instruction rows."""
+    with open(tsv) as fh, open(path, "w") as out:
         for i, line in enumerate(fh):
             if i >= rows:
                 break
@@ -187,6 +188,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
     ap.add_argument("--rows", type=int, help="SST-2 rows (default 256 on cpu, 1024 on cuda)")
+    ap.add_argument("--sst2", type=Path, default=SST2, help="SST-2 train TSV (label<TAB>text per line)")
     ap.add_argument("--batch", type=int, help="sequences per step (default 4 on cpu, 1 on cuda)")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence, the packing length too (default 256 / 2048)")
     ap.add_argument("--threads", type=int, default=None)
@@ -226,7 +228,7 @@ def main() -> None:
     model = None
     with tempfile.TemporaryDirectory() as wd:
         data = Path(wd) / "sst2.jsonl"
-        write_data(data, a.rows)
+        write_data(data, a.rows, a.sst2)
         if a.shape != "smollm2":
             print(f"building the {a.shape} model ...", file=sys.stderr, flush=True)
             model = run_side(a, "build", data, wd)

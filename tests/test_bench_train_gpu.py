@@ -32,7 +32,7 @@ def read_result(out: Path) -> dict:
 def test_gpu_mode_tiny_on_cuda(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     p = run_bench("--device", "cuda", "--shape", "tiny", "--steps", "3", "--warmup", "1", "--repeats", "1",
-                  "--seq-len", "128", "--out", str(out))
+                  "--seq-len", "128", "--rows", "64", "--out", str(out), "--sst2", str(sst2_rows(tmp_path / "t.tsv", 64)))
     assert p.returncode == 0, p.stderr[-3000:]
     table = read_result(out)
     assert table["machine"]["gpu"] == torch.cuda.get_device_name(0)
@@ -43,18 +43,27 @@ def test_gpu_mode_tiny_on_cuda(tmp_path: Path) -> None:
     assert "edgeft peak allocated" in p.stdout
 
 
+def sst2_rows(path: Path, rows: int) -> Path:
+    """A small SST-2-format TSV (label, tab, review), so the test needs no data set beside the project."""
+    words = ["a stirring , funny film", "one long string of cliches", "warm and moving", "dull and far too long"]
+    path.write_text("".join(f"{i % 2}\t{words[i % 4]} , take {i} .\n" for i in range(rows)))
+    return path
+
+
 @pytest.mark.slow
 def test_gpu_mode_tiny_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     p = run_bench("--shape", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--repeats", "1",
-                  "--seq-len", "64", "--rows", "32", "--threads", "1", "--out", str(out))
+                  "--seq-len", "64", "--rows", "32", "--threads", "1", "--out", str(out),
+                  "--sst2", str(sst2_rows(tmp_path / "train.tsv", 32)))
     assert p.returncode == 0, p.stderr[-3000:]
     table = read_result(out)
     assert table["setup"]["model_build"]["config"]["hidden_size"] == 64
     assert table["setup"]["model_build"]["vocabulary"].endswith(" tokens")
-    # Both sides saw the same packed sequences: the same real tokens per step.
+    # Both sides train on the same packed sequences. edgeft counts the tokens of its timed steps, the baseline
+    # the mean pack (the Trainer shuffles): close, not equal, on a 32-row set (242 against 242.75 measured).
     per_step = table["setup"]["tokens_per_step"]
-    assert per_step["edgeft"] == pytest.approx(per_step["baseline"])
+    assert per_step["edgeft"] == pytest.approx(per_step["baseline"], rel=0.1)
     for side in ("edgeft", "baseline"):
         assert table[side]["tokens_per_s"] > 0 and table[side]["peak_rss_mb"] > 0
         assert table[side]["final_loss"] > 0
