@@ -37,10 +37,14 @@ def outlier_model(tmp_path_factory, smol_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def calibration_file(tmp_path_factory) -> Path:
+    return task_rows(tmp_path_factory.mktemp("calib") / "train.jsonl", 80, seed=11)
+
+
+def task_rows(path: Path, n: int, *, seed: int) -> Path:
+    """``n`` rows of the built-in task, as JSONL at ``path``."""
     from edgeft.tasks import make_rows
 
-    path = tmp_path_factory.mktemp("calib") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(80, seed=11)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed=seed)))
     return path
 
 
@@ -124,11 +128,9 @@ def test_auto_keeps_the_smaller_candidate_when_both_fit_and_the_larger_when_only
 
 def test_auto_search_writes_the_chosen_file_its_frontier_and_modelfile(outlier_model, calibration_file, tmp_path):
     from edgeft.core.records import read_record
-    from edgeft.tasks import make_rows
     from export.gguf.auto import export_gguf_auto
 
-    evals = tmp_path / "eval.jsonl"
-    evals.write_text("".join(json.dumps(r) + "\n" for r in make_rows(6, seed=12)))
+    evals = task_rows(tmp_path / "eval.jsonl", 6, seed=12)
     out = tmp_path / "model.gguf"
     rec = export_gguf_auto(outlier_model, out, max_accuracy_drop=100.0, eval_data=evals, calibration=calibration_file,
                            candidates=(("q8_0", False), ("q4_k_m", True)))
@@ -153,11 +155,9 @@ def test_bad_budget_is_refused(tmp_path, outlier_model):
 
 def test_onnx_auto_keeps_the_smallest_passing_variant_with_its_frontier(outlier_model, calibration_file, tmp_path):
     from edgeft.core.records import passed_and_bound, read_record
-    from edgeft.tasks import make_rows
     from export.onnx.auto import FRONTIER_PNG, export_onnx_auto
 
-    evals = tmp_path / "eval.jsonl"
-    evals.write_text("".join(json.dumps(r) + "\n" for r in make_rows(6, seed=12)))
+    evals = task_rows(tmp_path / "eval.jsonl", 6, seed=12)
     out = tmp_path / "onnx-auto"
     rec = export_onnx_auto(outlier_model, out, max_accuracy_drop=100.0, eval_data=evals, calibration=calibration_file,
                            candidates=(("fp16", False), ("int8", True)))
@@ -176,14 +176,12 @@ def test_onnx_auto_keeps_the_smallest_passing_variant_with_its_frontier(outlier_
 
 def test_onnx_auto_writes_fp16_when_no_quantized_variant_passes(outlier_model, tmp_path, monkeypatch):
     import export.onnx as onnx_export
-    from edgeft.tasks import make_rows
     from export.onnx.auto import export_onnx_auto
 
     bars = dict(onnx_export.BARS)
     bars["int8"] = onnx_export.Bars(top1=1.01, mean_kl=bars["int8"].mean_kl, max_size_ratio=bars["int8"].max_size_ratio)
     monkeypatch.setattr(onnx_export, "BARS", bars)  # int8 cannot pass: nothing quantized is within budget
-    evals = tmp_path / "eval.jsonl"
-    evals.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4, seed=13)))
+    evals = task_rows(tmp_path / "eval.jsonl", 4, seed=13)
     rec = export_onnx_auto(outlier_model, tmp_path / "o", max_accuracy_drop=1.0, eval_data=evals,
                            candidates=(("int8", False), ("int8", True)))  # no calibration: the smoothed one is skipped
     assert rec.metrics["auto"]["chosen"] == "fp16" and rec.metrics["variant"] == "fp16"

@@ -124,7 +124,7 @@ def _weight_only(src: Path, dest: Path, *, bits: int, settings: Int8Settings | I
     import onnx
 
     try:  # onnxruntime's quantizer imports onnx_ir, which onnxruntime does not declare as a dependency
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as e:
         raise EdgeftError(f"int{bits} export needs onnxruntime's quantizer ({one_line(e)}); run `pip install onnx-ir`") from None
     algorithm = getattr(settings, "algorithm", "rtn")
