@@ -10,7 +10,7 @@ size. Recipes:
   hqq, rtn, k_quant          every transformer MatMul at 4 bits with that quantizer
   k_quant+down, k_quant+down+v   k_quant with every down_proj (and v_proj) at 8 bits
   hqq+down+v                 HQQ with every down_proj and v_proj at 8 bits (edgeft's default int4)
-  gptq                       onnxruntime's GPTQ, calibrated on --calibration (slow: ~13 min on SmolLM2-135M, 2 cores)
+  gptq                       onnxruntime's GPTQ, calibrated on --calibration (slow: it runs the model once per distinct MatMul input)
 
     .venv/bin/python benchmarks/onnx_int4.py --model MERGED --eval-data DEV.jsonl --calibration TRAIN.jsonl \\
         [--rows 100] [--recipes hqq,k_quant,k_quant+down+v,hqq+down+v] [--out results/onnx_int4.json]

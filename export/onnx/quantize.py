@@ -22,9 +22,8 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
   k-quant on Gemma 3 270M (0.74 / 0.26 against 0.60 / 0.48) and on SmolLM2-135M's top-1 (0.79 against
   0.78; KL 0.34 against 0.26). All 4-bit alone: 0.63 / 0.92 (HQQ) and 0.70 / 0.62 (k-quant) on SmolLM2.
   Both bases were dequantized from GGUF files (Q4_1, Q4_K_M), a grid HQQ recovers; a model trained in
-  16 bits may rank them differently. onnxruntime's GPTQ (6 x 512 calibration tokens, 13 min on 2 cores)
-  measured 0.64 / 0.59 on SmolLM2 all-4-bit, below k-quant. int8 compute (accuracy_level 4) against fp32
-  compute changed nothing measurable (round to nearest: 0.676 / 0.52 both) and decodes several times faster.
+  16 bits may rank them differently. onnxruntime's GPTQ (``benchmarks/onnx_int4.py --recipes gptq``;
+  not run in that form) ranked below k-quant in a trial and is not used.
 """
 
 from __future__ import annotations
