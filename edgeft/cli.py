@@ -133,7 +133,8 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
 @click.option("--smooth/--no-smooth", default=None,
               help="Fold the outlier smoothing into the weights before quantizing (int8/int4; needs --calibration).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
-              help="--quantize auto: task accuracy points the variant kept may lose against the merged model.")
+              help="--quantize auto: task accuracy points the variant kept may lose against the merged model "
+                   "(judged on the upper end of the 95% interval over your --eval-data rows).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
                     calibration: Path | None, smooth: bool | None, max_accuracy_drop: float, overwrite: bool) -> None:
@@ -199,7 +200,8 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
 @click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
-              help="--type auto: task accuracy points the smallest file kept may lose against the merged model.")
+              help="--type auto: task accuracy points the smallest file kept may lose against the merged model "
+                   "(judged on the upper end of the 95% interval over your --eval-data rows).")
 @click.option("--smooth/--no-smooth", default=None,
               help="Force the outlier smoothing (exact, folded into the weights; needs --calibration) on or off "
                    "(default: the type's measured choice).")

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-MAX_ROWS = 256
+MAX_ROWS = 256  # rows an export is verified on
+AUTO_MAX_ROWS = 1000  # rows each candidate of an auto search is judged on (its choice rests on them)
 ANSWER_TOKENS = 16
 MAX_DROP = 0.01  # task accuracy points (fraction) an artifact may lose where the rows prove it
 

@@ -126,6 +126,44 @@ def test_auto_keeps_the_smaller_candidate_when_both_fit_and_the_larger_when_only
     assert choose([point("q4_k_m", 100, 5.0)]) is None  # nothing fits: the caller writes f16 and says so
 
 
+def judged(hits: list[bool], ref_hits: list[bool], budget: float = 1.0) -> dict:
+    """A candidate's frontier point from the answers it and the reference got right on the same rows."""
+    from edgeft.core.records import Record
+    from export.frontier import frontier_point
+    from runtime.thresholds import paired_difference_interval
+
+    n = len(hits)
+    rows = {"rows": n, "task_accuracy": sum(hits) / n, "reference_task_accuracy": sum(ref_hits) / n,
+            "task_accuracy_diff": paired_difference_interval(hits, ref_hits), "top1_agreement": 0.9, "mean_kl": 0.05}
+    return frontier_point("c", Record("a", "gguf", "m", metrics={"eval_rows": rows}), 1, budget)
+
+
+def test_auto_needs_the_rows_to_show_the_budget_not_a_lucky_point_estimate():
+    # 100 rows, the reference right on 87. The candidate flips 6 answers: 2 lost, 4 gained (+2 points), which
+    # on 100 rows is within chance of a real 2-point loss: not shown within 1 point.
+    ref = [True] * 87 + [False] * 13
+    lucky = [False] * 2 + [True] * 85 + [True] * 4 + [False] * 9
+    p = judged(lucky, ref)
+    assert p["accuracy_drop_points"] == -2.0 and p["accuracy_drop_interval"][1] > 1.0 and not p["within_budget"]
+    # The same rate of flips on 1000 rows with no net loss is shown within budget, and so is a candidate
+    # whose answers all agree; a real loss on many rows is not.
+    assert judged(lucky * 10, ref * 10)["within_budget"]
+    assert judged(ref, ref)["within_budget"] and judged(ref, ref)["accuracy_drop_interval"] == [0.0, 0.0]
+    lossy = [False] * 3 + [True] * 84 + [False] * 13
+    assert judged(lossy * 10, ref * 10)["accuracy_drop_interval"][0] > 1.0
+    assert not judged(lossy * 10, ref * 10)["within_budget"]
+    assert judged(lossy * 10, ref * 10, budget=5.0)["within_budget"]
+
+
+def test_nothing_fits_names_the_closest_candidate_and_its_interval():
+    from export.frontier import nothing_fits
+
+    ref = [True] * 87 + [False] * 13
+    p = judged([False] * 2 + [True] * 85 + [True] * 4 + [False] * 9, ref)
+    line = nothing_fits([p], 1.0, "f16")
+    assert "on 100 rows" in line and "95% interval" in line and line.endswith("writing f16") and "\n" not in line
+
+
 def test_auto_search_writes_the_chosen_file_its_frontier_and_modelfile(outlier_model, calibration_file, tmp_path):
     from edgeft.core.records import read_record
     from export.gguf.auto import export_gguf_auto

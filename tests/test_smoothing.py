@@ -17,12 +17,11 @@ from conftest import make_tiny_llama
 HOT_CHANNELS = tuple(range(5, 512, 32))  # one per 32-value block of the 512 intermediate channels
 
 
-def _plant(model_dir: Path, dtype) -> Path:
-    import torch
+def _plant(model_dir: Path, dtype, layers=(0, 1)) -> Path:
     from safetensors.torch import load_file, save_file
 
     weights = load_file(model_dir / "model.safetensors")
-    for layer in (0, 1):
+    for layer in layers:
         up = weights[f"model.layers.{layer}.mlp.up_proj.weight"]
         up[list(HOT_CHANNELS)] *= 100.0
     save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, model_dir / "model.safetensors",
@@ -75,7 +74,7 @@ def test_smoothing_is_exact_and_moves_the_outliers_into_the_weights(hot_model, c
     tok = AutoTokenizer.from_pretrained(str(source))
     calib = load_calibration(calibration_file, tok, max_tokens=1500)
     result = write_smoothed(source, calib, tmp_path / "smoothed", forced=True)
-    assert result["outputs_identical"] and result["layers"] == 2 and result["channels_scaled"] > 0
+    assert result["outputs_identical"] and result["layers"] == [0, 1] and result["channels_scaled"] > 0
     assert result["max_down_input_after"] < result["max_down_input_before"] / 4, result
     ids = calib.sequences[-1]
     assert torch.equal(_logits(source, ids), _logits(tmp_path / "smoothed", ids))  # bit for bit
@@ -100,6 +99,29 @@ def test_default_smoothing_only_for_massive_activations(hot_model, tiny_llama_di
     assert "skipped" not in folded and folded["ratio"] >= MASSIVE_RATIO and (tmp_path / "hot" / "config.json").is_file()
     calm = write_smoothed(tiny_llama_dir, calib, tmp_path / "calm")
     assert calm["ratio"] < MASSIVE_RATIO and "--smooth forces it" in calm["skipped"] and not (tmp_path / "calm").exists()
+
+
+def test_outlying_scope_folds_only_the_layers_that_carry_outliers(tmp_path, smol_tokenizer_dir, calibration_file):
+    """layers="outlying" (GGUF q4_k_m's table row) leaves a calm layer's weights byte for byte as they were."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from export.calibration import load_calibration
+    from export.smoothing import write_smoothed
+
+    source = _plant(make_tiny_llama(tmp_path / "one-hot", smol_tokenizer_dir, hidden=256, seed=2, init_std=0.05),
+                    torch.float32, layers=(1,))
+    calib = load_calibration(calibration_file, AutoTokenizer.from_pretrained(str(source)), max_tokens=1500)
+    everywhere = write_smoothed(source, calib, tmp_path / "all", forced=True)
+    outlying = write_smoothed(source, calib, tmp_path / "outlying", forced=True, layers="outlying")
+    assert everywhere["layers"] == [0, 1] and outlying["layers"] == [1] and outlying["layer_scope"] == "outlying"
+    before, after = (load_file(d / "model.safetensors") for d in (source, tmp_path / "outlying"))
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+    ids = calib.sequences[-1]
+    assert torch.equal(_logits(source, ids), _logits(tmp_path / "outlying", ids))
 
 
 def test_smoothing_lowers_the_error_of_the_quantized_gguf(hot_model, calibration_file, tmp_path):

@@ -38,7 +38,7 @@ from edgeft.core.fsutil import atomic_file, ensure_free_space
 from edgeft.core.progress import say
 from edgeft.core.records import Record, write_record
 from export.calibration import Calibration, load_calibration
-from export.evalrows import load_eval_rows
+from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows
 from export.gguf.imatrix import importance_matrix
 from export.gguf.modelfile import write_modelfile
 from export.gguf.plan import ExportPlan, plan_export
@@ -55,12 +55,12 @@ __all__ = ["export_gguf", "gguf_tensor_types"]
 
 def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite: bool = False,
                 calibration: Path | None = None, eval_data: Path | None = None,
-                quant_options: QuantOptions | None = None) -> Record:
+                quant_options: QuantOptions | None = None, max_eval_rows: int = MAX_EVAL_ROWS) -> Record:
     """Export a merged HF model directory to a GGUF file, verify it, and write its record.
 
     ``calibration``: rows (normally the training data) for llama.cpp's importance matrix, used for
-    the types whose table row says so. ``eval_data``: the user's evaluation rows; verification
-    then also compares on them and decides on them. Returns the record (also written to
+    the types whose table row says so. ``eval_data``: the user's evaluation rows (the first
+    ``max_eval_rows``); verification then also compares on them and decides on them. Returns the record (also written to
     ``OUTPUT.verify.json``); a failed verification is a record with status "failed", not an
     exception. User errors (unsupported architecture, missing tokenizer, unreadable weights,
     existing output, unusable calibration rows) raise ``EdgeftError`` before any file is written.
@@ -73,7 +73,7 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
     calib = (load_calibration(calibration, plan.vocab.hf_tokenizer)
              if calibration is not None and not plan.spec.direct
              and (opts.use_imatrix(plan.spec) or opts.use_smooth(plan.spec)) else None)
-    evals = load_eval_rows(eval_data, plan.vocab.hf_tokenizer) if eval_data is not None else None
+    evals = load_eval_rows(eval_data, plan.vocab.hf_tokenizer, max_rows=max_eval_rows) if eval_data is not None else None
     out = plan.output
     smoothed_copy = sum(t.file.stat().st_size for t in {t.file: t for t in plan.tensors}.values()) \
         if calib is not None and opts.use_smooth(plan.spec) else 0
@@ -112,7 +112,8 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
             with _timed(timings, "smooth_s"):
                 say(f"smoothing outlier activations (first {min(calib.rows, SMOOTHING_ROWS)} calibration rows)")
                 smoothed = smoothed_plan(plan, Path(work) / plan.model_dir.name)
-                smoothing = write_smoothed(plan.model_dir, calib, smoothed.model_dir, forced=opts.smooth is True)
+                smoothing = write_smoothed(plan.model_dir, calib, smoothed.model_dir, forced=opts.smooth is True,
+                                           layers=plan.spec.smooth_layers)
                 source = plan if "skipped" in smoothing else smoothed
         try:
             with _timed(timings, "write_s"):

@@ -1,11 +1,12 @@
 """``edgeft export gguf --type auto``: the smallest GGUF that keeps the task accuracy the user can afford.
 
 Candidates (types × importance matrix on/off, each with the type's higher-precision tensors) are
-exported and verified one by one on the user's evaluation rows, smallest first; the first whose
-task accuracy falls by at most ``--max-accuracy-drop`` points below the merged model's (and that
-passes its verification) is kept under the output name, with the frontier (size against task
+exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS`` of them); the
+smallest that passes its verification and whose rows show its task accuracy within
+``--max-accuracy-drop`` points of the merged model's (the upper end of the drop's 95% paired interval,
+``export.frontier.frontier_point``) is kept under the output name, with the frontier (size against task
 accuracy and KL of every candidate tried) in its record and as a PNG beside it. When no quantized
-candidate stays within the budget, f16 is written: nothing smaller is good enough, and it says so.
+candidate is shown within the budget, f16 is written: nothing smaller is good enough, and it says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 from edgeft.core.errors import ConfigError
 from edgeft.core.progress import say
 from edgeft.core.records import Record, record_path, write_record
-from export.frontier import FRONTIER_SUFFIX, check_auto_inputs, choose, frontier_point, plot_frontier, record_checks, work_dir
+from export.evalrows import AUTO_MAX_ROWS
+from export.frontier import (FRONTIER_SUFFIX, check_auto_inputs, choose, frontier_point, nothing_fits, plot_frontier,
+                             record_checks, work_dir)
 from export.gguf.tables import QuantOptions
 
 # Smallest first (bits per weight as llama.cpp's mixes come out on small models); imatrix variants
@@ -48,16 +51,17 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
             path = work / f"{qtype}{'-imatrix' if imatrix else ''}.gguf"
             say(f"--type auto: trying {path.stem}")
             rec = export_gguf(model_dir, path, qtype=qtype, calibration=calibration if imatrix else None,
-                              eval_data=eval_data, quant_options=QuantOptions(imatrix=imatrix))
+                              eval_data=eval_data, quant_options=QuantOptions(imatrix=imatrix),
+                              max_eval_rows=AUTO_MAX_ROWS)
             frontier.append(frontier_point(path.stem, rec, rec.metrics["file_size_bytes"], max_accuracy_drop,
                                            type=qtype, imatrix=imatrix))
         frontier.sort(key=lambda p: p["size_bytes"])
         best = choose(frontier)
         chosen = work / f"{best['candidate']}.gguf" if best else None
         if chosen is None:
-            say(f"--type auto: no quantized type stays within {max_accuracy_drop:g} point(s); writing {FALLBACK}")
+            say(f"--type auto: {nothing_fits(frontier, max_accuracy_drop, FALLBACK)}")
             chosen = work / f"{FALLBACK}.gguf"
-            export_gguf(model_dir, chosen, qtype=FALLBACK, eval_data=eval_data)
+            export_gguf(model_dir, chosen, qtype=FALLBACK, eval_data=eval_data, max_eval_rows=AUTO_MAX_ROWS)
         return _keep(chosen, output, frontier, max_accuracy_drop)
     finally:
         shutil.rmtree(work, ignore_errors=True)

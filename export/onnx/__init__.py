@@ -53,7 +53,7 @@ from edgeft.core.errors import ConfigError
 from edgeft.core.fsutil import atomic_dir, ensure_free_space
 from edgeft.core.records import Record
 from export.calibration import Calibration, load_calibration
-from export.evalrows import load_eval_rows, reference_answers
+from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows, reference_answers
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
 from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
 from export.onnx.quantize import SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
@@ -76,7 +76,8 @@ _FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed befor
 
 
 def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
-                eval_data: Path | None = None, calibration: Path | None = None, smooth: bool | None = None) -> Record:
+                eval_data: Path | None = None, calibration: Path | None = None, smooth: bool | None = None,
+                max_eval_rows: int = MAX_EVAL_ROWS) -> Record:
     """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
 
     ``quantize``: None (fp32), "int8", "int4" or "fp16". ``eval_data``: the user's evaluation rows;
@@ -88,7 +89,7 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
     variant = parse_variant(quantize)
     model_dir, output = Path(model_dir), Path(output)
     tokenizer = plan_export(model_dir, output, variant, overwrite)
-    evals = load_eval_rows(eval_data, tokenizer) if eval_data is not None else None
+    evals = load_eval_rows(eval_data, tokenizer, max_rows=max_eval_rows) if eval_data is not None else None
     calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
     bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
 

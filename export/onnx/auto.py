@@ -1,11 +1,12 @@
 """``edgeft export onnx --quantize auto``: the smallest ONNX variant that keeps the task accuracy the user can afford.
 
 Candidates (``CANDIDATES``: int4 and int8, int8 also with the outlier smoothing when calibration rows are
-given) are exported and verified one by one on the user's evaluation rows; the smallest whose task
-accuracy falls by at most ``--max-accuracy-drop`` points below the merged model's (and that passes its
-verification) is kept under the output name, with the frontier (size against task accuracy and KL of every
-candidate) in its record and as ``frontier.png`` inside the folder. When no quantized candidate stays within
-the budget, fp16 is written (lossless on these models) and the record says so.
+given) are exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS``); the
+smallest that passes its verification and whose rows show its task accuracy within ``--max-accuracy-drop``
+points of the merged model's (upper end of the drop's 95% paired interval) is kept under the output name,
+with the frontier (size against task accuracy and KL of every candidate) in its record and as ``frontier.png``
+inside the folder. When no quantized candidate is shown within the budget, fp16 is written (lossless on these
+models) and the record says so.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 from edgeft.core.progress import say
 from edgeft.core.records import Record, read_record, write_record
-from export.frontier import check_auto_inputs, choose, frontier_point, plot_frontier, record_checks, work_dir
+from export.evalrows import AUTO_MAX_ROWS
+from export.frontier import (check_auto_inputs, choose, frontier_point, nothing_fits, plot_frontier, record_checks,
+                             work_dir)
 from export.onnx.plan import check_output
 
 # (variant, smoothed), any order: the frontier is sorted by the size each candidate comes out at.
@@ -43,14 +46,15 @@ def export_onnx_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
             name = f"{variant}-smoothed" if smoothed else variant
             say(f"--quantize auto: trying {name}")
             rec = export_onnx(model_dir, work / name, quantize=variant, eval_data=eval_data,
-                              calibration=calibration if smoothed else None, smooth=smoothed)
+                              calibration=calibration if smoothed else None, smooth=smoothed,
+                              max_eval_rows=AUTO_MAX_ROWS)
             frontier.append(frontier_point(name, rec, rec.metrics["size_bytes"], max_accuracy_drop,
                                            variant=variant, smoothed=smoothed))
         frontier.sort(key=lambda p: p["size_bytes"])
         best = choose(frontier)
         if best is None:
-            say(f"--quantize auto: no quantized variant stays within {max_accuracy_drop:g} point(s); writing {FALLBACK}")
-            export_onnx(model_dir, work / FALLBACK, quantize=FALLBACK, eval_data=eval_data)
+            say(f"--quantize auto: {nothing_fits(frontier, max_accuracy_drop, FALLBACK)}")
+            export_onnx(model_dir, work / FALLBACK, quantize=FALLBACK, eval_data=eval_data, max_eval_rows=AUTO_MAX_ROWS)
         chosen = work / (best["candidate"] if best else FALLBACK)
         return _keep(chosen, output, frontier, max_accuracy_drop)
     finally:
