@@ -90,7 +90,7 @@ def plot_frontier(frontier: list[dict[str, Any]], path: Path, budget: float, siz
         lo, hi = p.get("accuracy_drop_interval") or [0, 0]
         drop = p.get("accuracy_drop_points") or 0  # error bar: the 95% interval of the accuracy, from the drop's
         a1.errorbar([size], [acc], yerr=[[max(hi - drop, 0)], [max(drop - lo, 0)]], fmt=marker, capsize=3)
-        a1.annotate(p["candidate"], (size, 100 * (p["task_accuracy"] or 0)), fontsize=7)
+        a1.annotate(p["candidate"], (size, acc), fontsize=7)
         a2.scatter([size], [p["mean_kl"] or 0], marker=marker)
         a2.annotate(p["candidate"], (size, p["mean_kl"] or 0), fontsize=7)
     ref = next((p["reference_task_accuracy"] for p in frontier if p["reference_task_accuracy"] is not None), None)
