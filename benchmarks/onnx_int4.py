@@ -11,6 +11,9 @@ size. Recipes:
   k_quant+down, k_quant+down+v   k_quant with every down_proj (and v_proj) at 8 bits
   hqq+down+v                 HQQ with every down_proj and v_proj at 8 bits (edgeft's default int4)
   gptq                       onnxruntime's GPTQ, calibrated on --calibration (slow: it runs the model once per distinct MatMul input)
+  gptq+down+v                the same, every down_proj and v_proj at 8 bits (as the default keeps them)
+  hqq+down+v@fp32            the default with float compute (accuracy_level 1): how much of the loss is the
+                             int8 activations of accuracy_level 4 rather than the 4-bit weights
 
     .venv/bin/python benchmarks/onnx_int4.py --model MERGED --eval-data DEV.jsonl --calibration TRAIN.jsonl \\
         [--rows 100] [--recipes hqq,k_quant,k_quant+down+v,hqq+down+v] [--out results/onnx_int4.json]
@@ -31,11 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RECIPES = {  # name -> (algorithm, MatMuls at 8 bits)
-    "hqq": ("hqq", ()), "rtn": ("rtn", ()), "k_quant": ("k_quant", ()),
-    "k_quant+down": ("k_quant", ("down_proj",)), "k_quant+down+v": ("k_quant", ("down_proj", "v_proj")),
-    "hqq+down+v": ("hqq", ("down_proj", "v_proj")),
-    "gptq": ("gptq", ()),
+RECIPES = {  # name -> (algorithm, MatMuls at 8 bits, accuracy_level)
+    "hqq": ("hqq", (), 4), "rtn": ("rtn", (), 4), "k_quant": ("k_quant", (), 4),
+    "k_quant+down": ("k_quant", ("down_proj",), 4), "k_quant+down+v": ("k_quant", ("down_proj", "v_proj"), 4),
+    "hqq+down+v": ("hqq", ("down_proj", "v_proj"), 4), "hqq+down+v@fp32": ("hqq", ("down_proj", "v_proj"), 1),
+    "gptq": ("gptq", (), 4), "gptq+down+v": ("gptq", ("down_proj", "v_proj"), 4),
 }
 GPTQ_SEQUENCES, GPTQ_TOKENS = 6, 512  # calibration for gptq: the training rows joined, cut into 6 x 512 tokens
 
@@ -51,7 +54,8 @@ def main() -> int:
     a = ap.parse_args()
     recipes = a.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
-    if unknown or ("gptq" in recipes and a.calibration is None):
+    needs_calibration = any(RECIPES[r][0] == "gptq" for r in recipes if r in RECIPES)
+    if unknown or (needs_calibration and a.calibration is None):
         sys.exit(f"--recipes: unknown {unknown}, choose from {', '.join(RECIPES)}" if unknown
                  else "--recipes gptq needs --calibration")
 
@@ -94,17 +98,19 @@ def build(name: str, work: Path, tok, calibration: Path | None) -> tuple[Path, f
     """Write recipe ``name`` from the fp32 graph; (path, seconds)."""
     from export.onnx.quantize import Int4Settings, quantize_int4
 
-    algorithm, kept = RECIPES[name]
-    out, start = work / f"{name}.onnx", time.perf_counter()
+    algorithm, kept, level = RECIPES[name]
+    out, start = work / f"{name.replace('+', '-').replace('@', '-')}.onnx", time.perf_counter()
     if algorithm == "gptq":
-        gptq(work / "fp32" / "model.onnx", out, tok, calibration)
+        gptq(work / "fp32" / "model.onnx", out, tok, calibration, kept)
     else:
-        quantize_int4(work / "fp32" / "model.onnx", out, Int4Settings(algorithm=algorithm, higher_precision=kept))
+        quantize_int4(work / "fp32" / "model.onnx", out,
+                      Int4Settings(algorithm=algorithm, higher_precision=kept, accuracy_level=level))
     return out, time.perf_counter() - start
 
 
-def gptq(src: Path, dest: Path, tok, calibration: Path) -> None:
-    """onnxruntime's GPTQ (4-bit, blocks of 32, asymmetric) with the same logits projection and embedding."""
+def gptq(src: Path, dest: Path, tok, calibration: Path, kept: tuple[str, ...] = ()) -> None:
+    """onnxruntime's GPTQ (4-bit, blocks of 32, asymmetric) with the same logits projection and embedding;
+    the MatMuls named by ``kept`` at 8 bits."""
     import numpy as np
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -125,8 +131,9 @@ def gptq(src: Path, dest: Path, tok, calibration: Path) -> None:
         feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None],
                       **{n: np.zeros((1, shape[1], 0, shape[3]), np.float32) for n, shape in past.items()}})
     config = GPTQWeightOnlyQuantConfig(calibration_data_reader=feeds, op_types_to_quantize=("MatMul",))
-    model = run_quantizer(MatMulNBitsQuantizer(model, bits=4, block_size=32, accuracy_level=4, nodes_to_exclude=[lm_head],
-                                               algo_config=config))
+    eight = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(k in n.name for k in kept)]
+    model = run_quantizer(MatMulNBitsQuantizer(model, bits=4, block_size=32, accuracy_level=4,
+                                               nodes_to_exclude=[lm_head] + eight, algo_config=config))
     model = run_quantizer(MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
                                                op_types_to_quantize=("MatMul",)))
     embedding_to_fp16(model)

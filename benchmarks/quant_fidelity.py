@@ -7,7 +7,8 @@ it, then writes, for the same merged model:
                 overrides (what every other fine-tuning tool ships);
   (b) previous  edgeft's previous default: the type's higher-precision tensors, no importance matrix;
   (c) calibrated the higher-precision tensors, plus what the type's table row calibrates from the
-                training rows: an importance matrix (k-quants) and/or the outlier smoothing (q8_0);
+                training rows: an importance matrix (k-quants), the outlier smoothing, and for q8_0
+                GPTQ onto its grid (export/gguf/gptq.py);
   (d) auto      ``--type auto --max-accuracy-drop 1`` judged on the dev rows;
 
 and ONNX int8 and int4 (int8 also smoothed on the training rows, ``--smooth``). One ``edgeft bench`` then compares every artifact with the unmerged model
@@ -38,7 +39,7 @@ def variants(types: list[str]) -> list[tuple[str, str, dict]]:
     for t in types:
         out.append((f"{t}-plain", t, {"quant_options": QuantOptions(keep=False, imatrix=False)}))
         out.append((f"{t}-previous", t, {"quant_options": QuantOptions(keep=True, imatrix=False)}))
-        if QUANT_TYPES[t].imatrix or QUANT_TYPES[t].smooth:  # what the table calibrates for this type
+        if QUANT_TYPES[t].imatrix or QUANT_TYPES[t].smooth or QUANT_TYPES[t].gptq:  # what the table calibrates for this type
             out.append((f"{t}-calibrated", t, {"quant_options": QuantOptions(keep=True),
                                                "calibration": True}))
     return out
@@ -53,9 +54,11 @@ def main() -> int:
     ap.add_argument("--onnx", default="int8,int4")
     ap.add_argument("--no-auto", action="store_true")
     ap.add_argument("--auto-candidates", default="",
-                    help="e.g. q4_k_m+imatrix,q5_k_m+imatrix,q8_0 (default: every candidate of --type auto)")
+                    help="e.g. q4_k_m+imatrix,q8_0+gptq,q8_0 (default: every candidate of --type auto)")
     ap.add_argument("--verify-rows", type=int, default=256, help="dev rows each export is verified on")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "quant_fidelity")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="fine-tune and merge, then stop (what benchmarks/exact_transforms.py reads)")
     a = ap.parse_args()
 
     from bench_sst2 import to_jsonl
@@ -83,6 +86,9 @@ def main() -> int:
                           save_every=0, seed=0), overwrite=True)
     if not passed_and_bound(merged):
         merge_adapter(adapter, merged, overwrite=True)
+    if a.prepare_only:
+        print(f"{merged} ready after {time.time() - t0:.0f} s")
+        return 0
     artifacts = []
 
     def have(path: Path) -> bool:
@@ -98,7 +104,7 @@ def main() -> int:
     if not a.no_auto:
         path = out / "auto.gguf"
         if not have(path):
-            chosen = tuple((c.split("+")[0], c.endswith("+imatrix")) for c in a.auto_candidates.split(",") if c)
+            chosen = tuple((c.split("+")[0], "+" in c) for c in a.auto_candidates.split(",") if c)  # +imatrix, +gptq
             export_gguf_auto(merged, path, max_accuracy_drop=1.0, eval_data=verify_rows, calibration=train_file,
                              overwrite=True, **({"candidates": chosen} if chosen else {}))
         artifacts.append(path)

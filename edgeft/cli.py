@@ -205,12 +205,15 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
 @click.option("--smooth/--no-smooth", default=None,
               help="Force the outlier smoothing (exact, folded into the weights; needs --calibration) on or off "
                    "(default: the type's measured choice).")
+@click.option("--gptq/--no-gptq", default=None,
+              help="q8_0: round the weights onto q8_0's grid by GPTQ on --calibration rows (error-compensated; "
+                   "default: on when --calibration is given).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | None, eval_data: Path | None,
-                    max_accuracy_drop: float, smooth: bool | None, overwrite: bool) -> None:
+                    max_accuracy_drop: float, smooth: bool | None, gptq: bool | None, overwrite: bool) -> None:
     """Export to GGUF for llama.cpp (and write an Ollama Modelfile), and verify.
 
-    --type auto tries the quantized types (with and without an importance matrix) on --eval-data and
+    --type auto tries the quantized types (with and without calibration: importance matrix, GPTQ) on --eval-data and
     keeps the smallest within --max-accuracy-drop; the frontier is saved as FILE.frontier.png.
     """
     if qtype.lower() == "auto":
@@ -223,7 +226,7 @@ def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | N
     from export.gguf.tables import QuantOptions
 
     _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite, calibration=calibration,
-                        eval_data=eval_data, quant_options=QuantOptions(smooth=smooth)))
+                        eval_data=eval_data, quant_options=QuantOptions(smooth=smooth, gptq=gptq)))
 
 
 @export_group.command("gguf-lora")

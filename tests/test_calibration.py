@@ -95,6 +95,65 @@ def test_q8_0_takes_no_importance_matrix(outlier_model, calibration_file, tmp_pa
     assert rec.metrics["quantization"]["imatrix"] is None  # llama.cpp's q8_0 ignores one
 
 
+def test_gptq_rounds_onto_q8_0s_grid_with_less_output_error_than_rounding():
+    import torch
+
+    from export.gguf.gptq import BLOCK, round_to_nearest, round_to_q8_0_grid
+
+    g = torch.Generator().manual_seed(0)
+    # correlated inputs (a layer's activations span few directions: what the compensation exploits)
+    x = torch.randn(2000, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 128, generator=g, dtype=torch.float64)
+    x += 0.1 * torch.randn(2000, 128, generator=g, dtype=torch.float64)
+    x[:, [5, 70]] *= 40.0  # outlier input channels, as calibration rows of a real model carry
+    x[:, 100] = 0  # an input the rows never use
+    h = x.T @ x / len(x)
+    w = torch.randn(48, 128, generator=g, dtype=torch.float64) * 0.05
+    q = round_to_q8_0_grid(w, h)
+    blocks = q.reshape(48, -1, BLOCK)
+    scale = (blocks.abs().amax(2, keepdim=True) / 127)
+    steps = blocks / torch.where(scale == 0, torch.ones_like(scale), scale)
+    assert torch.equal(steps, steps.round()) and steps.abs().max() == 127  # integers, each block's largest at 127
+    assert torch.equal(round_to_nearest(q), q)  # llama.cpp's rounding leaves the values where they are
+    assert q[:, 100].abs().max() == 0  # its weights cannot matter: stored as zeros
+
+    def err(v):
+        d = v - w
+        return float(((d @ h) * d).sum())
+    assert err(q) < 0.2 * err(round_to_nearest(w)), (err(q), err(round_to_nearest(w)))
+
+
+def test_q8_0_gptq_is_stored_byte_for_byte_and_agrees_better(outlier_model, calibration_file, tmp_path):
+    from export.gguf import export_gguf
+    from export.gguf.tables import QuantOptions
+
+    plain = export_gguf(outlier_model, tmp_path / "plain.gguf", qtype="q8_0", calibration=calibration_file,
+                        quant_options=QuantOptions(gptq=False))
+    rounded = export_gguf(outlier_model, tmp_path / "gptq.gguf", qtype="q8_0", calibration=calibration_file)
+    assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "gptq.gguf").read_bytes()
+    assert plain.metrics["quantization"]["gptq"] is None
+    gptq = rounded.metrics["quantization"]["gptq"]
+    assert gptq["tensors"] == 12 and gptq["rows"] > 5  # 7 linears x 2 layers, attn_v kept at f16
+    assert gptq["tensors_not_reproduced"] == []  # llama.cpp stored GPTQ's values, not its own rounding
+    assert gptq["output_error_vs_round_to_nearest"]["max"] < 1.0
+    kl = {name: next(c.value for c in rec.checks if c.name == "mean_kl") for name, rec in (("plain", plain), ("gptq", rounded))}
+    assert kl["gptq"] < kl["plain"], kl
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--type", "q4_k_m", "--gptq", "--calibration", "CALIB"], "--gptq rounds onto q8_0's grid"),
+    (["--type", "q8_0", "--gptq"], "--gptq needs --calibration FILE"),
+])
+def test_gptq_refusals_are_one_line(outlier_model, calibration_file, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    args = [str(calibration_file) if a == "CALIB" else a for a in args]
+    r = CliRunner().invoke(cli, ["export", "gguf", "--model", str(outlier_model), "--output", str(tmp_path / "x.gguf"), *args])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "--calibration .*missing.jsonl: file not found"),
     ("", "no usable rows"),

@@ -129,9 +129,9 @@ def test_smoothing_lowers_the_error_of_the_quantized_gguf(hot_model, calibration
     from export.gguf.tables import QuantOptions
 
     plain = export_gguf(hot_model, tmp_path / "plain.gguf", qtype="q8_0", calibration=calibration_file,
-                        quant_options=QuantOptions(smooth=False))
+                        quant_options=QuantOptions(smooth=False, gptq=False))
     smoothed = export_gguf(hot_model, tmp_path / "smooth.gguf", qtype="q8_0", calibration=calibration_file,
-                           quant_options=QuantOptions(smooth=True))
+                           quant_options=QuantOptions(smooth=True, gptq=False))  # the smoothing alone
     record = smoothed.metrics["quantization"]["smoothing"]
     assert record["outputs_identical"] and record["file"].endswith("train.jsonl") and record["channels_scaled"] > 0
     assert plain.metrics["quantization"]["smoothing"] is None

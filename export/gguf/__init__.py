@@ -8,7 +8,9 @@
   through its architecture's transform (``transforms.py``);
 - ``quantize.py``: llama.cpp's own quantizer for q8_0 and the k-quants, from a lossless
   intermediate, keeping the tensors ``tables.QUANT_TYPES`` names (measured there) at higher
-  precision; ``tensor_types.py`` says where each tensor's type is chosen;
+  precision; ``tensor_types.py`` says where each tensor's type is chosen; before it, with
+  calibration rows, ``smoothing`` (export/smoothing.py), the importance matrix (``imatrix.py``) and,
+  for q8_0, GPTQ onto its grid (``gptq.py``), as the type's table row says;
 - ``verify.py``: tokenisation, teacher-forced logits and a greedy chat continuation through
   llama.cpp, compared with the HF tokenizer and the merged PyTorch model;
 - ``modelfile.py``: an Ollama Modelfile beside the GGUF;
@@ -39,6 +41,7 @@ from edgeft.core.progress import say
 from edgeft.core.records import Record, write_record
 from export.calibration import Calibration, load_calibration
 from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows
+from export.gguf.gptq import GPTQ_TYPE, not_reproduced, write_gptq
 from export.gguf.imatrix import importance_matrix
 from export.gguf.modelfile import write_modelfile
 from export.gguf.plan import ExportPlan, plan_export
@@ -68,16 +71,20 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
     t_start = time.perf_counter()
     plan = plan_export(Path(model_dir), Path(output), qtype, overwrite)
     opts = quant_options or QuantOptions()
-    if opts.smooth and calibration is None:
-        raise ConfigError("--smooth needs --calibration FILE (rows the model will see, e.g. the training data)")
+    if (opts.smooth or opts.gptq) and calibration is None:
+        flag = "--smooth" if opts.smooth else "--gptq"
+        raise ConfigError(f"{flag} needs --calibration FILE (rows the model will see, e.g. the training data)")
+    if opts.gptq and plan.qtype != GPTQ_TYPE:
+        raise ConfigError(f"--gptq rounds onto {GPTQ_TYPE}'s grid: use it with --type {GPTQ_TYPE}, not {plan.qtype}")
     calib = (load_calibration(calibration, plan.vocab.hf_tokenizer)
              if calibration is not None and not plan.spec.direct
-             and (opts.use_imatrix(plan.spec) or opts.use_smooth(plan.spec)) else None)
+             and (opts.use_imatrix(plan.spec) or opts.use_smooth(plan.spec) or opts.use_gptq(plan.spec)) else None)
     evals = load_eval_rows(eval_data, plan.vocab.hf_tokenizer, max_rows=max_eval_rows) if eval_data is not None else None
     out = plan.output
     smoothed_copy = sum(t.file.stat().st_size for t in {t.file: t for t in plan.tensors}.values()) \
         if calib is not None and opts.use_smooth(plan.spec) else 0
-    ensure_free_space(out, _space_needed(plan) + smoothed_copy, "the GGUF export")
+    gptq_copy = 4 * plan.n_params if calib is not None and opts.use_gptq(plan.spec) else 0  # float32 checkpoint
+    ensure_free_space(out, _space_needed(plan, gptq=bool(gptq_copy)) + smoothed_copy + gptq_copy, "the GGUF export")
 
     timings: dict[str, float] = {}
     # The file is verified and recorded under its temporary name, then renamed: whatever sits
@@ -104,7 +111,7 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
         return {"quantizer": None}
     # A ".NAME.PID*.partial" name: the next export to this name removes it if this process dies first.
     inter = plan.output.with_name(f".{plan.output.name}.{os.getpid()}.intermediate.partial")
-    matrix, smoothing = None, None
+    matrix, smoothing, gptq, rounded = None, None, None, []
     with tempfile.TemporaryDirectory(prefix=f".{plan.output.name}.{os.getpid()}.", suffix=".partial",
                                      dir=plan.output.parent) as work:
         source = plan
@@ -115,9 +122,13 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
                 smoothing = write_smoothed(plan.model_dir, calib, smoothed.model_dir, forced=opts.smooth is True,
                                            layers=plan.spec.smooth_layers)
                 source = plan if "skipped" in smoothing else smoothed
+        if calib is not None and opts.use_gptq(plan.spec):
+            with _timed(timings, "gptq_s"):
+                say(f"GPTQ onto {plan.qtype}'s grid ({calib.rows} calibration rows, {calib.tokens} tokens)")
+                source, gptq, rounded = write_gptq(source, calib, Path(work) / "gptq", keep=opts.keep)
         try:
             with _timed(timings, "write_s"):
-                write_gguf(source, inter, plan.source_dtype)
+                write_gguf(source, inter, source.source_dtype)
             if calib is not None and opts.use_imatrix(plan.spec):
                 with _timed(timings, "imatrix_s"):
                     say(f"importance matrix from {calib.rows} calibration rows ({calib.tokens} tokens)")
@@ -125,12 +136,14 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
             with _timed(timings, "quantize_s"):
                 say(f"quantizing to {plan.qtype} with llama.cpp")
                 quantize_gguf(inter, dst, plan.spec, keep=opts.keep, imatrix=matrix, calibration=calib)
+            if gptq is not None:  # llama.cpp must have stored GPTQ's values, not rounded them again
+                gptq["tensors_not_reproduced"] = not_reproduced(inter, dst, rounded)
         finally:
             inter.unlink(missing_ok=True)
     return {"quantizer": "llama.cpp llama_model_quantize",
             "kept_above_type": [p for p, _ in plan.spec.keep] if opts.keep else [],
             "imatrix": ({**calib.describe(), "entries": len(matrix)} if calib is not None and matrix else None),
-            "smoothing": smoothing}
+            "smoothing": smoothing, "gptq": gptq}
 
 
 def smoothed_plan(plan: ExportPlan, directory: Path) -> ExportPlan:
@@ -147,12 +160,13 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.perf_counter() - t0
 
 
-def _space_needed(plan: ExportPlan) -> int:
+def _space_needed(plan: ExportPlan, gptq: bool = False) -> int:
     """Bytes the export needs at its peak (intermediate + quantized file), with some slack."""
     if plan.spec.direct:
         need = sum(int(np.prod(t.shape)) * PRECISIONS[choose_tensor_type(t.shape, plan.qtype)].nbytes
                    for t in plan.tensors)
     else:
-        need = (sum(int(np.prod(t.shape)) * PRECISIONS[plan.source_dtype].nbytes for t in plan.tensors)
+        inter = PRECISIONS["f32" if gptq else plan.source_dtype].nbytes
+        need = (sum(int(np.prod(t.shape)) * inter for t in plan.tensors)
                 + int(plan.n_params * plan.spec.bits_per_weight / 8))
     return int(need * 1.05) + (32 << 20)

@@ -21,13 +21,14 @@ from edgeft.core.records import Record, record_path, write_record
 from export.evalrows import AUTO_MAX_ROWS
 from export.frontier import (FRONTIER_SUFFIX, check_auto_inputs, choose, frontier_point, nothing_fits, plot_frontier,
                              record_checks, work_dir)
-from export.gguf.tables import QuantOptions
+from export.gguf.tables import QUANT_TYPES, QuantOptions
 
-# Smallest first (bits per weight as llama.cpp's mixes come out on small models); imatrix variants
-# only for the types that take one.
+# (type, calibrated), smallest first (bits per weight as llama.cpp's mixes come out on small models).
+# Calibrated: on the --calibration rows, as the type's table row says (an importance matrix for the
+# k-quants, GPTQ onto the grid for q8_0, the smoothing where measured to help).
 CANDIDATES: tuple[tuple[str, bool], ...] = (
     ("q4_k_m", True), ("q4_k_m", False), ("q5_k_m", True), ("q5_k_m", False),
-    ("q6_k", True), ("q6_k", False), ("q8_0", False),
+    ("q6_k", True), ("q6_k", False), ("q8_0", True), ("q8_0", False),
 )
 FALLBACK = "f16"
 
@@ -45,16 +46,15 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
     work = work_dir(output)
     frontier: list[dict[str, Any]] = []
     try:
-        for qtype, imatrix in candidates:
-            if imatrix and calibration is None:
+        for qtype, calibrated in candidates:
+            if calibrated and calibration is None:
                 continue
-            path = work / f"{qtype}{'-imatrix' if imatrix else ''}.gguf"
+            path = work / f"{qtype}{_suffix(qtype) if calibrated else ''}.gguf"
             say(f"--type auto: trying {path.stem}")
-            rec = export_gguf(model_dir, path, qtype=qtype, calibration=calibration if imatrix else None,
-                              eval_data=eval_data, quant_options=QuantOptions(imatrix=imatrix),
-                              max_eval_rows=AUTO_MAX_ROWS)
+            rec = export_gguf(model_dir, path, qtype=qtype, calibration=calibration if calibrated else None,
+                              eval_data=eval_data, quant_options=QuantOptions(), max_eval_rows=AUTO_MAX_ROWS)
             frontier.append(frontier_point(path.stem, rec, rec.metrics["file_size_bytes"], max_accuracy_drop,
-                                           type=qtype, imatrix=imatrix))
+                                           type=qtype, calibrated=calibrated))
         frontier.sort(key=lambda p: p["size_bytes"])
         best = choose(frontier)
         chosen = work / f"{best['candidate']}.gguf" if best else None
@@ -65,6 +65,12 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
         return _keep(chosen, output, frontier, max_accuracy_drop)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _suffix(qtype: str) -> str:
+    """A calibrated candidate's name: what calibration does for its type."""
+    spec = QUANT_TYPES[qtype]
+    return "-imatrix" if spec.imatrix else "-gptq" if spec.gptq else "-calibrated"
 
 
 def _keep(chosen: Path, output: Path, frontier: list[dict[str, Any]], budget: float) -> Record:
