@@ -7,8 +7,7 @@ it, then writes, for the same merged model:
                 overrides (what every other fine-tuning tool ships);
   (b) previous  edgeft's previous default: the type's higher-precision tensors, no importance matrix;
   (c) calibrated the higher-precision tensors, plus what the type's table row calibrates from the
-                training rows: an importance matrix (k-quants), the outlier smoothing, and for q8_0
-                GPTQ onto its grid (export/gguf/gptq.py);
+                training rows: an importance matrix (k-quants) and/or the outlier smoothing (q8_0);
   (d) auto      ``--type auto --max-accuracy-drop 1`` judged on the dev rows;
 
 and ONNX int8 and int4 (int8 also smoothed on the training rows, ``--smooth``). One ``edgeft bench`` then compares every artifact with the unmerged model
@@ -39,7 +38,7 @@ def variants(types: list[str]) -> list[tuple[str, str, dict]]:
     for t in types:
         out.append((f"{t}-plain", t, {"quant_options": QuantOptions(keep=False, imatrix=False)}))
         out.append((f"{t}-previous", t, {"quant_options": QuantOptions(keep=True, imatrix=False)}))
-        if QUANT_TYPES[t].imatrix or QUANT_TYPES[t].smooth or QUANT_TYPES[t].gptq:  # what the table calibrates for this type
+        if QUANT_TYPES[t].imatrix or QUANT_TYPES[t].smooth:  # what the table calibrates for this type
             out.append((f"{t}-calibrated", t, {"quant_options": QuantOptions(keep=True),
                                                "calibration": True}))
     return out

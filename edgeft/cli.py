@@ -207,7 +207,7 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
                    "(default: the type's measured choice).")
 @click.option("--gptq/--no-gptq", default=None,
               help="q8_0: round the weights onto q8_0's grid by GPTQ on --calibration rows (error-compensated; "
-                   "default: on when --calibration is given).")
+                   "default: off, the type's measured choice).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | None, eval_data: Path | None,
                     max_accuracy_drop: float, smooth: bool | None, gptq: bool | None, overwrite: bool) -> None:

@@ -128,7 +128,8 @@ def test_q8_0_gptq_is_stored_byte_for_byte_and_agrees_better(outlier_model, cali
 
     plain = export_gguf(outlier_model, tmp_path / "plain.gguf", qtype="q8_0", calibration=calibration_file,
                         quant_options=QuantOptions(gptq=False))
-    rounded = export_gguf(outlier_model, tmp_path / "gptq.gguf", qtype="q8_0", calibration=calibration_file)
+    rounded = export_gguf(outlier_model, tmp_path / "gptq.gguf", qtype="q8_0", calibration=calibration_file,
+                          quant_options=QuantOptions(gptq=True))
     assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "gptq.gguf").read_bytes()
     assert plain.metrics["quantization"]["gptq"] is None
     gptq = rounded.metrics["quantization"]["gptq"]

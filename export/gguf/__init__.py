@@ -10,7 +10,7 @@
   intermediate, keeping the tensors ``tables.QUANT_TYPES`` names (measured there) at higher
   precision; ``tensor_types.py`` says where each tensor's type is chosen; before it, with
   calibration rows, ``smoothing`` (export/smoothing.py), the importance matrix (``imatrix.py``) and,
-  for q8_0, GPTQ onto its grid (``gptq.py``), as the type's table row says;
+  for q8_0 on request (``--gptq``), GPTQ onto its grid (``gptq.py``), as the type's table row says;
 - ``verify.py``: tokenisation, teacher-forced logits and a greedy chat continuation through
   llama.cpp, compared with the HF tokenizer and the merged PyTorch model;
 - ``modelfile.py``: an Ollama Modelfile beside the GGUF;

@@ -21,11 +21,13 @@ from edgeft.core.records import Record, record_path, write_record
 from export.evalrows import AUTO_MAX_ROWS
 from export.frontier import (FRONTIER_SUFFIX, check_auto_inputs, choose, frontier_point, nothing_fits, plot_frontier,
                              record_checks, work_dir)
+from export.gguf.gptq import GPTQ_TYPE
 from export.gguf.tables import QUANT_TYPES, QuantOptions
 
 # (type, calibrated), smallest first (bits per weight as llama.cpp's mixes come out on small models).
 # Calibrated: on the --calibration rows, as the type's table row says (an importance matrix for the
-# k-quants, GPTQ onto the grid for q8_0, the smoothing where measured to help).
+# k-quants, the smoothing where measured to help), and for q8_0 also GPTQ onto its grid (opt-in on
+# its own: a gain within the noise on the full SST-2 dev set, so the user's rows decide here).
 CANDIDATES: tuple[tuple[str, bool], ...] = (
     ("q4_k_m", True), ("q4_k_m", False), ("q5_k_m", True), ("q5_k_m", False),
     ("q6_k", True), ("q6_k", False), ("q8_0", True), ("q8_0", False),
@@ -52,7 +54,8 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
             path = work / f"{qtype}{_suffix(qtype) if calibrated else ''}.gguf"
             say(f"--type auto: trying {path.stem}")
             rec = export_gguf(model_dir, path, qtype=qtype, calibration=calibration if calibrated else None,
-                              eval_data=eval_data, quant_options=QuantOptions(), max_eval_rows=AUTO_MAX_ROWS)
+                              eval_data=eval_data, max_eval_rows=AUTO_MAX_ROWS,
+                              quant_options=QuantOptions(gptq=True if calibrated and qtype == GPTQ_TYPE else None))
             frontier.append(frontier_point(path.stem, rec, rec.metrics["file_size_bytes"], max_accuracy_drop,
                                            type=qtype, calibrated=calibrated))
         frontier.sort(key=lambda p: p["size_bytes"])
@@ -70,7 +73,7 @@ def export_gguf_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
 def _suffix(qtype: str) -> str:
     """A calibrated candidate's name: what calibration does for its type."""
     spec = QUANT_TYPES[qtype]
-    return "-imatrix" if spec.imatrix else "-gptq" if spec.gptq else "-calibrated"
+    return "-imatrix" if spec.imatrix else "-gptq" if qtype == GPTQ_TYPE else "-calibrated"
 
 
 def _keep(chosen: Path, output: Path, frontier: list[dict[str, Any]], budget: float) -> Record:
