@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeft.core.errors import EdgeftError
 from export.calibration import Calibration
+from export.checkpoint import write_edited_copy
 
 ALPHA = 0.5  # migration strength: 0.5 and 0.8 measured alike on SmolLM2 (int8 weights); 0.5 is SmoothQuant's default
 MAX_SCALE_LOG2 = 12  # no channel is scaled by more than 2^12 either way
@@ -191,7 +191,6 @@ def write_smoothed(model_dir: Path, calibration: Calibration, dest: Path, alpha:
     record's ``smoothing``. Without ``forced``, a model with no massive activations is left alone
     (nothing written; the record says why)."""
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     model_dir, dest = Path(model_dir), Path(dest)
@@ -200,14 +199,7 @@ def write_smoothed(model_dir: Path, calibration: Calibration, dest: Path, alpha:
     smoothing = measure_smoothing(model, model_type, calibration, alpha, layers)
     if not forced and not smoothing.massive():
         return smoothing.record(calibration, folded=False)
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in model_dir.iterdir():
-        if p.is_file() and p.suffix != ".safetensors":
-            shutil.copy2(p, dest / p.name)
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        tensors = load_file(str(shard))
-        _fold_all(tensors, smoothing)
-        save_file(tensors, str(dest / shard.name), metadata={"format": "pt"})
+    write_edited_copy(model_dir, dest, lambda tensors: _fold_all(tensors, smoothing))
     if not _same_logits(model, dest, calibration):
         raise EdgeftError("smoothing changed the model's outputs (a scale under- or overflowed the weights' dtype); "
                           "export with --no-smooth")

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from export.calibration import Calibration
+from export.checkpoint import write_edited_copy
 from export.gguf.plan import ExportPlan
 
 GPTQ_TYPE = "q8_0"  # the one --type whose grid this rounds onto
@@ -73,7 +73,7 @@ def round_to_q8_0_grid(weight: Any, hessian: Any) -> Any:
         end = min(start + BLOCK, n_in)
         blk = w[:, start:end].clone()  # every earlier block's error already applied
         amax, pinned = blk.abs().max(1)
-        scale = (amax / 127).float().half().double()  # the fp16 scale llama.cpp writes
+        scale = _fp16_scale(amax)
         zero = scale == 0  # a block llama.cpp stores as zeros (its scale underflows fp16)
         scale[zero] = 1
         errors = torch.empty_like(blk)
@@ -93,8 +93,13 @@ def round_to_nearest(weight: Any) -> Any:
     """What llama.cpp's q8_0 makes of ``weight`` (out, in), as float64."""
     w = weight.detach().double()
     blocks = w.reshape(w.shape[0], -1, BLOCK)
-    scale = (blocks.abs().amax(2, keepdim=True) / 127).float().half().double().clamp(min=1e-30)
+    scale = _fp16_scale(blocks.abs().amax(2, keepdim=True)).clamp(min=1e-30)
     return (blocks / scale).round().mul(scale).reshape(w.shape)
+
+
+def _fp16_scale(amax: Any) -> Any:
+    """The scale llama.cpp writes for blocks whose largest magnitude is ``amax``: amax / 127 in fp16."""
+    return (amax / 127).float().half().double()
 
 
 def write_gptq(plan: ExportPlan, calibration: Calibration, dest: Path,
@@ -103,7 +108,6 @@ def write_gptq(plan: ExportPlan, calibration: Calibration, dest: Path,
     ``calibration`` (written in float32, the only dtype that holds grid values exactly); returns the
     plan reading it, the record's ``gptq`` and the GGUF names of the tensors rounded."""
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from edgeft.core.progress import step_progress
@@ -126,14 +130,8 @@ def write_gptq(plan: ExportPlan, calibration: Calibration, dest: Path,
                 rounded[name + ".weight"] = new.float()
                 bar.advance(task)
             del hessians
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in plan.model_dir.iterdir():
-        if p.is_file() and p.suffix != ".safetensors":
-            shutil.copy2(p, dest / p.name)
-    for shard in sorted({t.file for t in plan.tensors}):
-        tensors = load_file(str(shard))
-        tensors.update({k: v for k, v in rounded.items() if k in tensors})
-        save_file(tensors, str(dest / shard.name), metadata={"format": "pt"})
+    write_edited_copy(plan.model_dir, dest, lambda tensors: tensors.update(
+        {k: v for k, v in rounded.items() if k in tensors}))
     new_plan = dataclasses.replace(
         plan, model_dir=dest, source_dtype="f32",
         tensors=[dataclasses.replace(t, file=dest / t.file.name, dtype="f32" if t.hf_name in rounded else t.dtype)
