@@ -190,7 +190,8 @@ class QuantSpec:
 # but on all 872 dev rows against the unmerged model (edgeft bench; README, "GPTQ onto q8_0's grid")
 #   q8_0 (smoothed)              top-1 0.9729  KL 0.00355  task accuracy +0.1 points (-0.5..+0.7)
 #   q8_0 + GPTQ                  top-1 0.9744  KL 0.00335  task accuracy -0.5 points (-1.1..+0.1)
-# a gain within the noise for ~100 s more export time: opt-in (--gptq), and tried by --type auto.
+# a gain within the noise for ~2 min more per export (252 s against 124 s with a 100-row verification):
+# opt-in (--gptq), and tried by --type auto.
 #
 # The bars: f32/f16/bf16 near-exact; q8_0 and q6_k "high" with room for a fine-tuned model
 # (which quantizes worse than the base: the demo's merged adapter gave q4_k_m top-1 0.854 and KL
