@@ -10,7 +10,8 @@ it, then writes, for the same merged model:
                 training rows: an importance matrix (k-quants) and/or the outlier smoothing (q8_0);
   (d) auto      ``--type auto --max-accuracy-drop 1`` judged on the dev rows;
 
-and ONNX int8 and int4 (int8 also smoothed on the training rows, ``--smooth``). One ``edgeft bench`` then compares every artifact with the unmerged model
+and ONNX int8 and int4, plain and calibrated on the training rows (``ONNX_CALIBRATED``: int8 smoothed, and
+smoothed with GPTQ; int4 with GPTQ). One ``edgeft bench`` then compares every artifact with the unmerged model
 (computed in fp32) on the SST-2 dev rows: task accuracy with its 95% interval, top-1 agreement,
 mean KL, size. Resumable: artifacts already written (with a passed or failed record) are kept.
 
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
+# ONNX variants calibrated on the training rows, beside each plain one: (name suffix, --smooth, --gptq)
+ONNX_CALIBRATED = {"int8": (("smoothed", True, False), ("smoothed-gptq", True, True)), "int4": (("gptq", False, True),)}
 
 
 def variants(types: list[str]) -> list[tuple[str, str, dict]]:
@@ -69,7 +72,6 @@ def main() -> int:
     from export.gguf import export_gguf
     from export.gguf.auto import export_gguf_auto
     from export.onnx import export_onnx
-    from export.onnx.quantize import SMOOTHED_VARIANTS
     from runtime.bench import BenchConfig, run_bench
 
     out = a.output
@@ -108,12 +110,11 @@ def main() -> int:
                              overwrite=True, **({"candidates": chosen} if chosen else {}))
         artifacts.append(path)
     for v in [v for v in a.onnx.split(",") if v]:
-        for path, calibration in ((out / f"onnx-{v}", None), (out / f"onnx-{v}-calibrated", train_file)):
-            if calibration is not None and v not in SMOOTHED_VARIANTS:
-                continue
-            if not have(path):  # the calibrated variant is smoothed (opt-in for ONNX: --smooth)
-                export_onnx(merged, path, quantize=v, eval_data=verify_rows, calibration=calibration,
-                            smooth=True if calibration is not None else None, overwrite=True)
+        for suffix, smooth, gptq in ((None, False, False), *ONNX_CALIBRATED.get(v, ())):
+            path = out / (f"onnx-{v}-{suffix}" if suffix else f"onnx-{v}")
+            if not have(path):
+                export_onnx(merged, path, quantize=v, eval_data=verify_rows, overwrite=True, smooth=smooth, gptq=gptq,
+                            calibration=train_file if smooth or gptq else None)
             artifacts.append(path)
     print(f"artifacts ready after {time.time() - t0:.0f} s")
     report = run_bench(BenchConfig(reference=adapter, artifacts=artifacts, data=dev, output=out / "bench",

@@ -132,12 +132,17 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
               help="Rows the model will see (normally the training data; never the evaluation rows), for --smooth.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Fold the outlier smoothing into the weights before quantizing (int8/int4; needs --calibration).")
+@click.option("--gptq/--no-gptq", default=None,
+              help="int8/int4: round the decoder's weights onto the variant's grid by GPTQ on --calibration rows "
+                   "(error-compensated; stored unchanged by onnxruntime's quantizer, checked in the record). "
+                   "Default: as the variant's table row says when --calibration is given.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
               help="--quantize auto: task accuracy points the variant kept may lose against the merged model "
                    "(judged on the upper end of the 95% interval over your --eval-data rows).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
-                    calibration: Path | None, smooth: bool | None, max_accuracy_drop: float, overwrite: bool) -> None:
+                    calibration: Path | None, smooth: bool | None, gptq: bool | None, max_accuracy_drop: float,
+                    overwrite: bool) -> None:
     """Export to ONNX with KV cache (optimum), optionally quantized, and verify.
 
     --quantize auto tries int4 and int8 (int8 also smoothed when --calibration is given) on --eval-data and
@@ -152,8 +157,9 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
     if quantize == "auto":
         if fmt != "onnx":
             raise ConfigError(f"--quantize auto: only with --format onnx (not {fmt})")
-        if smooth is not None:
-            raise ConfigError("--smooth/--no-smooth: --quantize auto measures int8 both ways itself")
+        if smooth is not None or gptq is not None:
+            flag = "--smooth/--no-smooth" if smooth is not None else "--gptq/--no-gptq"
+            raise ConfigError(f"{flag}: --quantize auto measures the calibrated candidates itself")
         from export.onnx.auto import export_onnx_auto
 
         _report(export_onnx_auto(model, output, max_accuracy_drop=max_accuracy_drop, eval_data=eval_data,
@@ -163,7 +169,7 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
     export = getattr(importlib.import_module(module), name)
     extra = {"eval_data": eval_data} if eval_data is not None else {}
     _report(export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite,
-                   calibration=calibration, smooth=smooth, **extra))
+                   calibration=calibration, smooth=smooth, gptq=gptq, **extra))
 
 
 @export_group.command("executorch")

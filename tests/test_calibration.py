@@ -98,7 +98,9 @@ def test_q8_0_takes_no_importance_matrix(outlier_model, calibration_file, tmp_pa
 def test_gptq_rounds_onto_q8_0s_grid_with_less_output_error_than_rounding():
     import torch
 
-    from export.gguf.gptq import BLOCK, round_to_nearest, round_to_q8_0_grid
+    from export.gptq import Q8_0, round_onto_grid, round_to_nearest
+
+    BLOCK = Q8_0.block
 
     g = torch.Generator().manual_seed(0)
     # correlated inputs (a layer's activations span few directions: what the compensation exploits)
@@ -108,18 +110,18 @@ def test_gptq_rounds_onto_q8_0s_grid_with_less_output_error_than_rounding():
     x[:, 100] = 0  # an input the rows never use
     h = x.T @ x / len(x)
     w = torch.randn(48, 128, generator=g, dtype=torch.float64) * 0.05
-    q = round_to_q8_0_grid(w, h)
+    q = round_onto_grid(w, h, Q8_0)
     blocks = q.reshape(48, -1, BLOCK)
     scale = (blocks.abs().amax(2, keepdim=True) / 127)
     steps = blocks / torch.where(scale == 0, torch.ones_like(scale), scale)
     assert torch.equal(steps, steps.round()) and steps.abs().max() == 127  # integers, each block's largest at 127
-    assert torch.equal(round_to_nearest(q), q)  # llama.cpp's rounding leaves the values where they are
+    assert torch.equal(round_to_nearest(q, Q8_0), q)  # llama.cpp's rounding leaves the values where they are
     assert q[:, 100].abs().max() == 0  # its weights cannot matter: stored as zeros
 
     def err(v):
         d = v - w
         return float(((d @ h) * d).sum())
-    assert err(q) < 0.2 * err(round_to_nearest(w)), (err(q), err(round_to_nearest(w)))
+    assert err(q) < 0.2 * err(round_to_nearest(w, Q8_0)), (err(q), err(round_to_nearest(w, Q8_0)))
 
 
 def test_q8_0_gptq_is_stored_byte_for_byte_and_agrees_better(outlier_model, calibration_file, tmp_path):
@@ -251,6 +253,84 @@ def test_bad_budget_is_refused(tmp_path, outlier_model):
     assert r.exit_code == 2 and "--max-accuracy-drop" in r.output
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_onto_onnxruntimes_grid_is_stored_unchanged_by_its_quantizer(bits, tmp_path):
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from export.gptq import ort_symmetric, output_error, round_onto_grid, round_to_nearest
+    from export.onnx.gptq import not_reproduced
+    from export.onnx.quantize import run_quantizer
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(2000, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 128, generator=g, dtype=torch.float64)
+    x += 0.1 * torch.randn(2000, 128, generator=g, dtype=torch.float64)
+    x[:, [5, 70]] *= 40.0
+    h = x.T @ x / len(x)
+    w = torch.randn(48, 128, generator=g, dtype=torch.float64) * 0.05
+    grid = ort_symmetric(bits, 32)
+    q = round_onto_grid(w, h, grid)
+    assert torch.equal(round_to_nearest(q, grid), q)
+    assert output_error(q, w, h) < 0.5 * output_error(round_to_nearest(w, grid), w, h)
+
+    def quantized(weight) -> Path:
+        """onnxruntime's own round to nearest (symmetric) of a one-MatMul graph holding ``weight``."""
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/up_proj/MatMul")
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])],
+                                  [numpy_helper.from_array(weight.float().T.contiguous().numpy(), "w")])
+        model = run_quantizer(MatMulNBitsQuantizer(helper.make_model(graph), bits=bits, block_size=32,
+                                                   is_symmetric=True, op_types_to_quantize=("MatMul",)))
+        path = tmp_path / f"{bits}-{len(list(tmp_path.iterdir()))}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    ordered = round_onto_grid(w, h, grid, act_order=True)  # outlier inputs first: less error again
+    assert torch.equal(round_to_nearest(ordered, grid), ordered)
+    assert output_error(ordered, w, h) < 0.5 * output_error(q, w, h)
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not_reproduced(quantized(q), {name: q.float()}) == []  # GPTQ's values, stored as they are
+    assert not_reproduced(quantized(ordered), {name: ordered.float()}) == []
+    assert not_reproduced(quantized(w), {name: w.float()}) == ["model.layers.0.mlp.up_proj"]  # rounded: caught
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_onnx_gptq_is_stored_as_rounded_and_agrees_better(variant, outlier_model, calibration_file, tmp_path):
+    from export.onnx import export_onnx
+
+    plain = export_onnx(outlier_model, tmp_path / "plain", quantize=variant, calibration=calibration_file, gptq=False)
+    rounded = export_onnx(outlier_model, tmp_path / "gptq", quantize=variant, calibration=calibration_file, gptq=True)
+    gptq = rounded.metrics["quantizer"]["gptq"]
+    assert "gptq" not in plain.metrics["quantizer"]
+    assert gptq["tensors"] == 14 and gptq["rows"] > 5  # 7 linears x 2 layers
+    assert gptq["tensors_not_reproduced"] == []  # onnxruntime stored GPTQ's values, not its own rounding
+    assert gptq["output_error_vs_round_to_nearest"]["max"] < 1.0
+    if variant == "int4":
+        assert rounded.metrics["quantizer"]["algorithm"] == "rtn" and rounded.metrics["quantizer"]["symmetric"]
+    kl = {name: next(c.value for c in rec.checks if c.name == "mean_kl") for name, rec in (("plain", plain), ("gptq", rounded))}
+    if variant == "int4":  # 8-bit weights lose little here: the activations' 8-bit compute decides int8's KL
+        assert kl["gptq"] < 0.8 * kl["plain"], kl
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int8", "--gptq"], "--gptq needs --calibration FILE"),
+    (["--quantize", "fp16", "--gptq", "--calibration", "CALIB"], "--gptq: only the quantized variants"),
+    (["--quantize", "auto", "--gptq", "--eval-data", "CALIB"], "--gptq/--no-gptq: --quantize auto measures"),
+])
+def test_onnx_gptq_refusals_are_one_line(outlier_model, calibration_file, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    args = [str(calibration_file) if a == "CALIB" else a for a in args]
+    result = CliRunner().invoke(cli, ["export", "onnx", "--model", str(outlier_model), "--output", str(tmp_path / "o"), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_onnx_auto_keeps_the_smallest_passing_variant_with_its_frontier(outlier_model, calibration_file, tmp_path):
     from edgeft.core.records import passed_and_bound, read_record
     from export.onnx.auto import FRONTIER_PNG, export_onnx_auto
@@ -295,7 +375,7 @@ def test_onnx_auto_refusals_are_one_line(outlier_model, tmp_path):
     base = ["export", "onnx", "--model", str(outlier_model), "--output", str(tmp_path / "o"), "--quantize", "auto"]
     for args, message in (([], "--quantize auto needs --eval-data"),
                           (["--format", "genai"], "--quantize auto: only with --format onnx"),
-                          (["--eval-data", str(tmp_path / "e.jsonl"), "--smooth"], "measures int8 both ways")):
+                          (["--eval-data", str(tmp_path / "e.jsonl"), "--smooth"], "measures the calibrated candidates itself")):
         result = CliRunner().invoke(cli, [*base, *args])
         assert result.exit_code != 0 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

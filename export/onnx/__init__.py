@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -53,10 +54,13 @@ from edgeft.core.errors import ConfigError
 from edgeft.core.fsutil import atomic_dir, ensure_free_space
 from edgeft.core.records import Record
 from export.calibration import Calibration, load_calibration
+from export.gptq import gptq_weights
 from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows, reference_answers
+from export.onnx import gptq as onnx_gptq
+from export.onnx.gptq import apply_weights, not_reproduced, onnx_grids
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
 from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
-from export.onnx.quantize import SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
+from export.onnx.quantize import GPTQ_VARIANTS, INT4, SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.reference import GREEDY_TOKENS, Reference, load_torch, sample_prompts, torch_reference
 from export.onnx.stages import Progress, quiet
@@ -77,20 +81,22 @@ _FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed befor
 
 def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
                 eval_data: Path | None = None, calibration: Path | None = None, smooth: bool | None = None,
-                max_eval_rows: int = MAX_EVAL_ROWS) -> Record:
+                gptq: bool | None = None, max_eval_rows: int = MAX_EVAL_ROWS) -> Record:
     """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
 
     ``quantize``: None (fp32), "int8", "int4" or "fp16". ``eval_data``: the user's evaluation rows;
     the agreement bars are then decided on them (``export.evalrows``). ``calibration``: rows (normally
     the training data) for the outlier smoothing of the quantized variants (``export.smoothing``; on for
-    the variants ``SMOOTHED_VARIANTS`` names unless ``smooth`` says otherwise). The record is also written to
+    the variants ``SMOOTHED_VARIANTS`` names unless ``smooth`` says otherwise) and for ``gptq`` (int8/int4:
+    the decoder's weights rounded onto the variant's grid by GPTQ, ``export/onnx/gptq.py``; None: on for the
+    variants ``GPTQ_VARIANTS`` names when ``calibration`` is given). The record is also written to
     ``output/edgeft-verify.json``; a failed verification is returned (status "failed"), not raised.
     """
     variant = parse_variant(quantize)
     model_dir, output = Path(model_dir), Path(output)
     tokenizer = plan_export(model_dir, output, variant, overwrite)
     evals = load_eval_rows(eval_data, tokenizer, max_rows=max_eval_rows) if eval_data is not None else None
-    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
+    calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq)
     bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
 
     progress = Progress()
@@ -101,8 +107,8 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
             with progress.stage("reference_rows", f"PyTorch reference on {len(evals.rows)} evaluation rows"):
                 eval_ref = reference_answers(model, tokenizer, evals, model_dir=model_dir)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib,
-                                                  forced_smoothing=smooth is True)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
+                                                  forced_smoothing=smooth is True, gptq=rounds)
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
@@ -144,17 +150,39 @@ def smoothing_calibration(calibration: Path | None, tokenizer: Any, variant: str
     return load_calibration(calibration, tokenizer) if wanted and calibration is not None else None
 
 
+def calibration_plan(calibration: Path | None, tokenizer: Any, variant: str, smooth: bool | None,
+                     gptq: bool | None) -> tuple[Calibration | None, bool, bool]:
+    """The calibration rows the variant needs, whether it is smoothed and whether GPTQ rounds it
+    (``None``: the tables ``SMOOTHED_VARIANTS`` / ``GPTQ_VARIANTS`` decide when rows are given); unusable rows
+    or flags are refused before any work."""
+    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
+    if gptq and variant not in GPTQ_VARIANTS:
+        raise ConfigError(f"--gptq: only the quantized variants ({', '.join(GPTQ_VARIANTS)}) take it, not {variant}")
+    if gptq and calibration is None:
+        raise ConfigError("--gptq needs --calibration FILE (rows the model will see, e.g. the training data)")
+    rounds = calibration is not None and (GPTQ_VARIANTS.get(variant, False) if gptq is None else gptq)
+    if rounds and calib is None:
+        return load_calibration(calibration, tokenizer), False, True
+    return calib, calib is not None, rounds
+
+
 def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
-                   progress: Progress, calibration: Calibration | None = None, *,
-                   forced_smoothing: bool = False) -> tuple[int, dict[str, Any]]:
+                   progress: Progress, calibration: Calibration | None = None, *, smooth: bool = True,
+                   forced_smoothing: bool = False, gptq: bool = False) -> tuple[int, dict[str, Any]]:
     """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings).
-    With ``calibration`` the outlier smoothing is folded into ``model`` first (exact; the reference
-    was taken before)."""
-    smoothing = None
-    if calibration is not None:
+    With ``calibration`` the outlier smoothing (when ``smooth``) and GPTQ (when ``gptq``) are folded into
+    ``model`` first (the reference was taken before)."""
+    smoothing, rounded, gptq_info = None, None, None
+    if calibration is not None and smooth:
         rows = min(calibration.rows, SMOOTHING_ROWS)
         with progress.stage("smooth", f"smoothing outlier activations (first {rows} calibration rows)"):
             smoothing = smooth_model(model, calibration, forced=forced_smoothing)
+    if gptq and calibration is not None:
+        t0 = time.perf_counter()  # GPTQ shows its own progress bar, not a stage spinner
+        grids = onnx_grids(model, variant, INT4.block_size, INT4.higher_precision)
+        rounded, gptq_info = gptq_weights(model, calibration, grids, f"{variant}'s grid", onnx_gptq.ACT_ORDER)
+        apply_weights(model, rounded)
+        progress.timings["gptq_s"] = round(time.perf_counter() - t0, 2)
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
     with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
         export_fp32(model, model_dir, fp32_dir)
@@ -162,10 +190,12 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
     if variant == "fp32":
         return fp32_bytes, {}
     with progress.stage("convert", f"converting to {variant}"):
-        settings = make_variant(fp32_dir, tmp, variant)
+        settings = make_variant(fp32_dir, tmp, variant, gptq=rounded is not None)
     shutil.rmtree(fp32_dir)  # only the variant ships
     if smoothing is not None:
         settings["smoothing"] = smoothing
+    if rounded is not None:  # onnxruntime must have stored GPTQ's values, not rounded them again
+        settings["gptq"] = {**gptq_info, "tensors_not_reproduced": not_reproduced(tmp / "model.onnx", rounded)}
     return fp32_bytes, settings
 
 
@@ -182,16 +212,16 @@ class WrittenVariant:
 @contextlib.contextmanager
 def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
                     overwrite: bool, calibration: Path | None = None,
-                    smooth: bool | None = None) -> Iterator[WrittenVariant]:
+                    smooth: bool | None = None, gptq: bool | None = None) -> Iterator[WrittenVariant]:
     """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
     the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export.
-    ``calibration``/``smooth``: as for ``export_onnx`` (unusable rows or flags are refused before any work)."""
-    calib = smoothing_calibration(calibration, tokenizer, variant, smooth)
+    ``calibration``/``smooth``/``gptq``: as for ``export_onnx`` (unusable rows or flags are refused before any work)."""
+    calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq)
     with quiet():
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib,
-                                                  forced_smoothing=smooth is True)
+            fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
+                                                  forced_smoothing=smooth is True, gptq=rounds)
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

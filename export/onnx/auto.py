@@ -1,7 +1,8 @@
 """``edgeft export onnx --quantize auto``: the smallest ONNX variant that keeps the task accuracy the user can afford.
 
 Candidates (``CANDIDATES``: int4 and int8, int8 also with the outlier smoothing when calibration rows are
-given) are exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS``); the
+given; with calibration rows each also takes GPTQ where its table row, ``quantize.GPTQ_VARIANTS``, says so)
+are exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS``); the
 smallest that passes its verification and whose rows show its task accuracy within ``--max-accuracy-drop``
 points of the merged model's (upper end of the drop's 95% paired interval) is kept under the output name,
 with the frontier (size against task accuracy and KL of every candidate) in its record and as ``frontier.png``
@@ -45,11 +46,12 @@ def export_onnx_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
                 continue
             name = f"{variant}-smoothed" if smoothed else variant
             say(f"--quantize auto: trying {name}")
+            # the calibration rows go to every candidate: GPTQ where the variant's table row takes it
             rec = export_onnx(model_dir, work / name, quantize=variant, eval_data=eval_data,
-                              calibration=calibration if smoothed else None, smooth=smoothed,
-                              max_eval_rows=AUTO_MAX_ROWS)
+                              calibration=calibration, smooth=smoothed, max_eval_rows=AUTO_MAX_ROWS)
             frontier.append(frontier_point(name, rec, rec.metrics["size_bytes"], max_accuracy_drop,
-                                           variant=variant, smoothed=smoothed))
+                                           variant=variant, smoothed=smoothed,
+                                           gptq=bool((rec.metrics.get("quantizer") or {}).get("gptq"))))
         frontier.sort(key=lambda p: p["size_bytes"])
         best = choose(frontier)
         if best is None:
