@@ -145,8 +145,9 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
                     overwrite: bool) -> None:
     """Export to ONNX with KV cache (optimum), optionally quantized, and verify.
 
-    --quantize auto tries int4 and int8 (int8 also smoothed when --calibration is given) on --eval-data and
-    keeps the smallest within --max-accuracy-drop points of the merged model; the frontier is in the record.
+    --quantize auto tries int4 and int8 (with --calibration: int4 GPTQ-rounded, int8 also smoothed + GPTQ)
+    on --eval-data and keeps the smallest within --max-accuracy-drop points of the merged model; the
+    frontier is in the record.
     """
     import importlib
 

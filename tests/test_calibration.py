@@ -341,12 +341,14 @@ def test_onnx_auto_keeps_the_smallest_passing_variant_with_its_frontier(outlier_
                            candidates=(("fp16", False), ("int8", True)))
     auto = rec.metrics["auto"]
     sizes = {p["candidate"]: p["size_bytes"] for p in auto["frontier"]}
-    assert sorted(sizes) == ["fp16", "int8-smoothed"] and all(p["within_budget"] for p in auto["frontier"])
+    assert sorted(sizes) == ["fp16", "int8-smoothed-gptq"] and all(p["within_budget"] for p in auto["frontier"])
+    calibrated = next(p for p in auto["frontier"] if p["candidate"] == "int8-smoothed-gptq")
+    assert calibrated["gptq"] and calibrated["smoothed"]
     # Both fit a 100-point budget: the smaller is kept. On this tiny model (49k vocabulary, hidden 256) that
     # is fp16: int8 unties the logits projection from the embedding to quantize it, a second matrix.
     smaller = min(sizes, key=sizes.get)
     assert auto["chosen"] == smaller == auto["frontier"][0]["candidate"]
-    assert rec.metrics["variant"] == smaller.removesuffix("-smoothed")
+    assert rec.metrics["variant"] == smaller.removesuffix("-smoothed-gptq")
     assert passed_and_bound(out) and read_record(out)["metrics"]["auto"]["chosen"] == smaller
     assert (out / FRONTIER_PNG).stat().st_size > 1000
     assert not list(tmp_path.glob(".onnx-auto*"))  # the candidates tried are gone

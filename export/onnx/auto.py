@@ -1,7 +1,8 @@
 """``edgeft export onnx --quantize auto``: the smallest ONNX variant that keeps the task accuracy the user can afford.
 
-Candidates (``CANDIDATES``: int4 and int8, int8 also with the outlier smoothing when calibration rows are
-given; with calibration rows each also takes GPTQ where its table row, ``quantize.GPTQ_VARIANTS``, says so)
+Candidates (``CANDIDATES``: int4 and int8, int8 also with the outlier smoothing and GPTQ when calibration
+rows are given; with calibration rows each also takes GPTQ where its table row, ``quantize.GPTQ_VARIANTS``,
+says so)
 are exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS``); the
 smallest that passes its verification and whose rows show its task accuracy within ``--max-accuracy-drop``
 points of the merged model's (upper end of the drop's 95% paired interval) is kept under the output name,
@@ -23,8 +24,11 @@ from export.frontier import (check_auto_inputs, choose, frontier_point, nothing_
                              work_dir)
 from export.onnx.plan import check_output
 
-# (variant, smoothed), any order: the frontier is sorted by the size each candidate comes out at.
+# (variant, calibrated), any order: the frontier is sorted by the size each candidate comes out at.
+# calibrated: the outlier smoothing and GPTQ on the calibration rows (skipped without them); otherwise the
+# variant's table rows decide (int4 takes GPTQ whenever calibration rows are given).
 CANDIDATES: tuple[tuple[str, bool], ...] = (("int4", False), ("int8", False), ("int8", True))
+CALIBRATED_SUFFIX = "-smoothed-gptq"
 FALLBACK = "fp16"
 FRONTIER_PNG = "frontier.png"
 
@@ -41,17 +45,19 @@ def export_onnx_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
     work = work_dir(output)
     frontier: list[dict[str, Any]] = []
     try:
-        for variant, smoothed in candidates:
-            if smoothed and calibration is None:
+        for variant, calibrated in candidates:
+            if calibrated and calibration is None:
                 continue
-            name = f"{variant}-smoothed" if smoothed else variant
+            name = variant + (CALIBRATED_SUFFIX if calibrated else "")
             say(f"--quantize auto: trying {name}")
             # the calibration rows go to every candidate: GPTQ where the variant's table row takes it
             rec = export_onnx(model_dir, work / name, quantize=variant, eval_data=eval_data,
-                              calibration=calibration, smooth=smoothed, max_eval_rows=AUTO_MAX_ROWS)
-            frontier.append(frontier_point(name, rec, rec.metrics["size_bytes"], max_accuracy_drop,
-                                           variant=variant, smoothed=smoothed,
-                                           gptq=bool((rec.metrics.get("quantizer") or {}).get("gptq"))))
+                              calibration=calibration, smooth=calibrated, gptq=True if calibrated else None,
+                              max_eval_rows=AUTO_MAX_ROWS)
+            quantizer = rec.metrics.get("quantizer") or {}
+            frontier.append(frontier_point(name, rec, rec.metrics["size_bytes"], max_accuracy_drop, variant=variant,
+                                           smoothed="skipped" not in quantizer.get("smoothing", {"skipped": True}),
+                                           gptq="gptq" in quantizer))
         frontier.sort(key=lambda p: p["size_bytes"])
         best = choose(frontier)
         if best is None:
