@@ -3,7 +3,8 @@
 Pipeline (``export_onnx``), one module per stage: ``plan`` checks the model directory (config,
 safetensors, tokenizer), the output path and the free space → ``reference`` loads the PyTorch model
 in fp32 and records the reference (logits and a greedy continuation for a few sample texts, one of
-them chat-formatted) → ``write`` exports fp32 through optimum (task ``text-generation-with-past``)
+them chat-formatted) → with calibration rows, the outlier smoothing (``export/smoothing.py``) and GPTQ
+onto the variant's grids (``gptq``) change the PyTorch weights → ``write`` exports fp32 through optimum (task ``text-generation-with-past``)
 into a temporary directory → ``quantize`` derives the requested variant (int8 / int4 / fp16, with
 the graph edits in ``graph``) from that fp32 graph → ``verify`` compares the variant with the
 reference → ``record`` writes ``edgeft-verify.json``, and the directory is renamed into place.
