@@ -100,7 +100,7 @@ def round_onto_grid(weight: Any, hessian: Any, grid: Grid, act_order: bool = Fal
         end = min(start + grid.block, n_in)
         blk = w[:, start:end].clone()  # every earlier batch's error already applied
         if not act_order:  # this block's scale, from its weights as compensated so far
-            scale, pinned, pin_code, zero = _block_grid(blk, grid)
+            scale, pinned, pin_code, zero = (t[:, 0] for t in _block_grid(blk, grid))
         errors = torch.empty_like(blk)
         for j in range(end - start):
             col = int(order[start + j])
@@ -124,7 +124,7 @@ def round_onto_grid(weight: Any, hessian: Any, grid: Grid, act_order: bool = Fal
 
 def _block_grid(w: Any, grid: Grid) -> tuple[Any, Any, Any, Any]:
     """Per row and block of ``w`` (out, in): the scale, the position of the largest weight, the code that
-    weight keeps, and whether the block is stored as zeros. Shapes (out, blocks), or (out,) for one block."""
+    weight keeps, and whether the block is stored as zeros; each (out, blocks). A zero block's scale reads 1."""
     import torch
 
     blocks = w.reshape(w.shape[0], -1, grid.block)
@@ -134,20 +134,15 @@ def _block_grid(w: Any, grid: Grid) -> tuple[Any, Any, Any, Any]:
     zero = scale == 0  # its scale underflows
     scale[zero] = 1
     pin_code = torch.clamp(torch.round(extreme / scale), grid.lo, grid.hi)
-    if w.shape[1] == grid.block:
-        return scale[:, 0], pinned[:, 0], pin_code[:, 0], zero[:, 0]
     return scale, pinned, pin_code, zero
 
 
 def round_to_nearest(weight: Any, grid: Grid) -> Any:
     """What the quantizer itself makes of ``weight`` (out, in): each block rounded to its nearest codes; float64."""
     w = weight.detach().double()
-    blocks = w.reshape(w.shape[0], -1, grid.block)
-    extreme = blocks.gather(2, blocks.abs().argmax(2, keepdim=True))
-    scale = grid.scale(extreme)
-    safe = scale.masked_fill(scale == 0, 1)
-    codes = (blocks / safe).round().clamp(grid.lo, grid.hi).masked_fill(scale == 0, 0)
-    return (codes * safe).reshape(w.shape)
+    scale, _, _, zero = (t[..., None] for t in _block_grid(w, grid))
+    codes = (w.reshape(w.shape[0], -1, grid.block) / scale).round().clamp(grid.lo, grid.hi).masked_fill(zero, 0)
+    return (codes * scale).reshape(w.shape)
 
 
 def gptq_weights(model: Any, calibration: Calibration, grids: dict[str, Grid], label: str,

@@ -4,8 +4,8 @@ Pipeline (``export_onnx``), one module per stage: ``plan`` checks the model dire
 safetensors, tokenizer), the output path and the free space → ``reference`` loads the PyTorch model
 in fp32 and records the reference (logits and a greedy continuation for a few sample texts, one of
 them chat-formatted) → with calibration rows, the outlier smoothing (``export/smoothing.py``) and GPTQ
-onto the variant's grids (``gptq``) change the PyTorch weights → ``write`` exports fp32 through optimum (task ``text-generation-with-past``)
-into a temporary directory → ``quantize`` derives the requested variant (int8 / int4 / fp16, with
+onto the variant's grids (``gptq``) change the PyTorch weights → ``write`` exports fp32 through optimum
+(task ``text-generation-with-past``) into a temporary directory → ``quantize`` derives the requested variant (int8 / int4 / fp16, with
 the graph edits in ``graph``) from that fp32 graph → ``verify`` compares the variant with the
 reference → ``record`` writes ``edgeft-verify.json``, and the directory is renamed into place.
 A failed verification still writes the directory and a record marked ``failed``. Variant settings
@@ -55,13 +55,11 @@ from edgeft.core.errors import ConfigError
 from edgeft.core.fsutil import atomic_dir, ensure_free_space
 from edgeft.core.records import Record
 from export.calibration import Calibration, load_calibration
-from export.gptq import gptq_weights
 from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows, reference_answers
-from export.onnx import gptq as onnx_gptq
-from export.onnx.gptq import apply_weights, not_reproduced, onnx_grids
+from export.onnx.gptq import not_reproduced, round_model
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
 from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
-from export.onnx.quantize import GPTQ_VARIANTS, INT4, SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
+from export.onnx.quantize import GPTQ_VARIANTS, SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
 from export.onnx.record import write_onnx_record
 from export.onnx.reference import GREEDY_TOKENS, Reference, load_torch, sample_prompts, torch_reference
 from export.onnx.stages import Progress, quiet
@@ -180,9 +178,7 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
             smoothing = smooth_model(model, calibration, forced=forced_smoothing)
     if gptq and calibration is not None:
         t0 = time.perf_counter()  # GPTQ shows its own progress bar, not a stage spinner
-        grids = onnx_grids(model, variant, INT4.block_size, INT4.higher_precision)
-        rounded, gptq_info = gptq_weights(model, calibration, grids, f"{variant}'s grid", onnx_gptq.ACT_ORDER)
-        apply_weights(model, rounded)
+        rounded, gptq_info = round_model(model, variant, calibration)
         progress.timings["gptq_s"] = round(time.perf_counter() - t0, 2)
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
     with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
@@ -196,7 +192,7 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
     if smoothing is not None:
         settings["smoothing"] = smoothing
     if rounded is not None:  # onnxruntime must have stored GPTQ's values, not rounded them again
-        settings["gptq"] = {**gptq_info, "tensors_not_reproduced": not_reproduced(tmp / "model.onnx", rounded)}
+        settings["gptq"] = {**gptq_info, "tensors_not_reproduced": not_reproduced(tmp, rounded)}
     return fp32_bytes, settings
 
 

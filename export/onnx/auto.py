@@ -2,8 +2,7 @@
 
 Candidates (``CANDIDATES``: int4 and int8, int8 also with the outlier smoothing and GPTQ when calibration
 rows are given; with calibration rows each also takes GPTQ where its table row, ``quantize.GPTQ_VARIANTS``,
-says so)
-are exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS``); the
+says so) are exported and verified one by one on the user's evaluation rows (up to ``AUTO_MAX_ROWS``); the
 smallest that passes its verification and whose rows show its task accuracy within ``--max-accuracy-drop``
 points of the merged model's (upper end of the drop's 95% paired interval) is kept under the output name,
 with the frontier (size against task accuracy and KL of every candidate) in its record and as ``frontier.png``

@@ -15,41 +15,48 @@ from typing import Any
 
 import numpy as np
 
-from export.gptq import Grid, decoder_linears, ort_symmetric
+from export.calibration import Calibration
+from export.gptq import Grid, decoder_linears, gptq_weights, ort_symmetric
+from export.onnx.quantize import EIGHT_BIT_BLOCK, INT4_AFTER_GPTQ, INT8
+from export.onnx.write import ONNX_NAME
 
-EIGHT_BIT_BLOCK = 32  # as quantize.EIGHT_BIT_BLOCK and Int8Settings.block_size
 # Round each layer's inputs in order of falling Hessian diagonal (export/gptq.py). SmolLM2 SST-2 fine-tune,
 # int4, 256 dev rows (README, "GPTQ onto onnxruntime's grids"): top-1 0.889 -> 0.899, mean KL 0.078 -> 0.056.
 ACT_ORDER = True
 
 
-def onnx_grids(model: Any, variant: str, block_size: int, higher_precision: tuple[str, ...]) -> dict[str, Grid]:
-    """Decoder linear module name -> the grid the variant's quantizer puts it on."""
-    eight = ort_symmetric(8, EIGHT_BIT_BLOCK)
-    if variant == "int8":
-        return {n: eight for n in decoder_linears(model, EIGHT_BIT_BLOCK)}
-    four = ort_symmetric(4, block_size)
-    names = set(decoder_linears(model, EIGHT_BIT_BLOCK)) & set(decoder_linears(model, block_size))
-    return {n: eight if any(p in n for p in higher_precision) else four for n in sorted(names)}
-
-
-def apply_weights(model: Any, rounded: dict[str, Any]) -> None:
-    """Copy GPTQ's weights (``module.weight`` -> tensor) into ``model`` in place."""
+def round_model(model: Any, variant: str, calibration: Calibration) -> tuple[dict[str, Any], dict[str, Any]]:
+    """GPTQ on ``calibration`` for the decoder's linear layers of ``model``, written into it in place;
+    returns GPTQ's weights (``module.weight`` -> tensor, for ``not_reproduced``) and the record's figures."""
     import torch
 
+    rounded, info = gptq_weights(model, calibration, onnx_grids(model, variant), f"{variant}'s grid", ACT_ORDER)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in rounded.items():
             params[name].copy_(value.to(params[name].dtype))
+    return rounded, info
+
+
+def onnx_grids(model: Any, variant: str) -> dict[str, Grid]:
+    """Decoder linear module name -> the grid the variant's quantizer puts it on (``quantize.INT8``, or
+    ``quantize.INT4_AFTER_GPTQ`` with its higher-precision MatMuls on the 8-bit pass's blocks)."""
+    if variant == "int8":
+        eight = ort_symmetric(8, INT8.block_size)
+        return {n: eight for n in decoder_linears(model, INT8.block_size)}
+    eight, four = ort_symmetric(8, EIGHT_BIT_BLOCK), ort_symmetric(4, INT4_AFTER_GPTQ.block_size)
+    names = set(decoder_linears(model, EIGHT_BIT_BLOCK)) & set(decoder_linears(model, INT4_AFTER_GPTQ.block_size))
+    return {n: eight if any(p in n for p in INT4_AFTER_GPTQ.higher_precision) else four for n in sorted(names)}
 
 
 def not_reproduced(onnx_path: Path, rounded: dict[str, Any]) -> list[str]:
-    """The modules among ``rounded`` whose MatMulNBits weights in ``onnx_path`` (decoded: codes x scales)
-    differ from GPTQ's values, or that have no such node (empty: onnxruntime stored them as rounded)."""
+    """The modules among ``rounded`` whose MatMulNBits weights in ``onnx_path`` (a graph file, or the folder
+    holding ``model.onnx``; decoded: codes x scales) differ from GPTQ's values, or that have no such node
+    (empty: onnxruntime stored them as rounded)."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(onnx_path / ONNX_NAME if onnx_path.is_dir() else onnx_path))
     inits = {t.name: t for t in model.graph.initializer}
     decoded: dict[str, np.ndarray] = {}
     for node in model.graph.node:
