@@ -20,8 +20,9 @@ from click.testing import CliRunner
 
 from edgeft.cli import cli
 from edgeft.config import TrainConfig
+from edgeft.core.errors import EdgeftError
 from edgeft.train.checkpoint import resume_batch_problem
-from edgeft.train.distributed import World, shard
+from edgeft.train.distributed import World, peers_lost_as_error, shard
 from edgeft.train.launch import relay_rank_lines, rendezvous_args, torchrun_command
 
 torch_distributed = pytest.importorskip("torch.distributed")
@@ -134,6 +135,16 @@ def test_an_error_on_rank_0_ends_every_rank_with_one_line(tmp_path, tiny_llama_d
     assert sum("--resume: no complete checkpoint" in ln for ln in lines) == 2, proc.stderr  # one line per rank
     assert lines[-1].startswith("edgeft: error: --num-processes 2: training stopped")
     assert not any(ln.startswith("Traceback") for ln in lines)
+
+
+def test_sigterm_from_the_launcher_is_the_lost_peer_line_and_the_handler_is_restored(tmp_path):
+    """torchrun SIGTERMs the surviving ranks the moment one dies, often before they reach a collective."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(EdgeftError, match=r"rank 0: another process of this run stopped .*--resume"):
+        with peers_lost_as_error(World(rank=0, size=2), tmp_path):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_shard_gives_each_rank_every_other_row_and_an_empty_share_weight_zero():

@@ -233,14 +233,45 @@ def peers_lost_as_error(world: World, out: Path) -> Iterator[None]:
         return
     import torch.distributed as dist
 
+    resume = f"continue from the last checkpoint in {out / 'checkpoints'} with --resume"
     try:
-        yield
+        with _sigterm_as_error():
+            yield
+    except _LauncherStopped:
+        # torchrun ends the other ranks with SIGTERM as soon as one of them dies, often before
+        # they reach a collective that would have failed on their own.
+        raise EdgeftError(f"rank {world.rank}: another process of this run stopped (the launcher sent SIGTERM); "
+                          f"{resume}") from None
     except (dist.DistError, RuntimeError) as e:
         if isinstance(e, EdgeftError) or not _is_peer_failure(e):
             raise
         reason = re.sub(r"^\[[^\]]*\] ", "", one_line(e).split(": ", 1)[-1])  # without gloo's source path
         raise EdgeftError(f"rank {world.rank}: another process of this run stopped or timed out ({reason[:120]}); "
-                          f"continue from the last checkpoint in {out / 'checkpoints'} with --resume") from None
+                          f"{resume}") from None
+
+
+class _LauncherStopped(Exception):
+    """SIGTERM from the launcher, raised where the rank happened to be."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_error() -> Iterator[None]:
+    """SIGTERM raises ``_LauncherStopped`` in the main thread while the block runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _LauncherStopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _is_peer_failure(e: BaseException) -> bool:
