@@ -232,7 +232,7 @@ def test_split_float_zero_points_is_exact():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch.from_numpy on a read-only array, inside the quantizer
 @pytest.mark.parametrize("algorithm", ["hqq", "k_quant", "rtn"])
-def test_int4_keeps_down_and_v_projections_and_logits_at_8_bits(fp32_export, tmp_path, algorithm, smol_tokenizer_dir):
+def test_int4_keeps_down_v_and_k_projections_and_logits_at_8_bits(fp32_export, tmp_path, algorithm, smol_tokenizer_dir):
     import onnx
 
     from export.onnx import OrtLM
@@ -243,11 +243,11 @@ def test_int4_keeps_down_and_v_projections_and_logits_at_8_bits(fp32_export, tmp
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
     projections = {name: b for name, b in bits.items() if "_offset" not in name}  # HQQ's per-block offsets aside
-    higher = {name: b for name, b in projections.items() if "down_proj" in name or "v_proj" in name}
+    higher = {name: b for name, b in projections.items() if any(p in name for p in ("down_proj", "v_proj", "k_proj"))}
     logits = {name: b for name, b in projections.items() if "lm_head" in name}
     rest = {name: b for name, b in projections.items() if name not in higher and name not in logits}
-    assert len(higher) == settings["eight_bit_nodes"] == 4 and set(higher.values()) == {8}  # 2 layers x (down, v)
-    assert set(logits.values()) == {8} and len(rest) == 10 and set(rest.values()) == {4}  # q, k, o, gate, up per layer
+    assert len(higher) == settings["eight_bit_nodes"] == 6 and set(higher.values()) == {8}  # 2 layers x (down, v, k)
+    assert set(logits.values()) == {8} and len(rest) == 8 and set(rest.values()) == {4}  # q, o, gate, up per layer
     weights = {i.name for i in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # no float projection left
     lm = OrtLM(tmp_path / "model.onnx")

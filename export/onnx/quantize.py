@@ -23,12 +23,21 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
   0.78; KL 0.34 against 0.26). All 4-bit alone: 0.63 / 0.92 (HQQ) and 0.70 / 0.62 (k-quant) on SmolLM2.
   Both bases were dequantized from GGUF files (Q4_1, Q4_K_M), a grid HQQ recovers; a model trained in
   16 bits may rank them differently. onnxruntime's GPTQ (``benchmarks/onnx_int4.py --recipes gptq``;
-  not run in that form) ranked below k-quant in a trial and is not used.
+  not run in that form) ranked below k-quant in a trial and is not used. Every ``k_proj`` joined them
+  later (below).
 - ``int4`` with calibration rows (``--calibration``, the training data; the pipeline passes them): GPTQ
   (``export/onnx/gptq.py``, inputs in act-order) rounds the decoder's weights onto symmetric 4-bit blocks of
-  32 (down_proj and v_proj onto 8-bit ones) on the user's rows, and onnxruntime's round to nearest stores
-  them unchanged (``INT4_AFTER_GPTQ``; checked on the written graph). SmolLM2 SST-2 fine-tune, 256 dev rows
-  against the merged model: top-1 0.791 -> 0.899, mean KL 0.173 -> 0.056 (``GPTQ_VARIANTS``).
+  32 (the ``higher_precision`` ones onto 8-bit blocks) on the user's rows, and onnxruntime's round to
+  nearest stores them unchanged (``INT4_AFTER_GPTQ``; checked on the written graph). SmolLM2 SST-2
+  fine-tune, 256 dev rows against the merged model: top-1 0.791 -> 0.899, mean KL 0.173 -> 0.056
+  (``GPTQ_VARIANTS``); with k_proj at 8 bits too, 0.910 / 0.047 (passes the int4 bars) for 1.6 MiB more.
+- Which projections stay at 8 bits (``benchmarks/int4_precision_plan.py``: GPTQ onto both grids, each
+  plan compared in PyTorch on the dev rows, README table): on top of down_proj + v_proj, k_proj cut mean
+  KL by a third on the SmolLM2 fine-tune for 1.5 MiB (q_proj, o_proj by 5-6% for 5 MiB; gate_proj,
+  up_proj by 13% and 25% for 13 MiB), and by 4% on Gemma 3 270M for 1.4 MiB (gate_proj, up_proj: about
+  a third for 11 MiB). k_proj is the cheapest projection that helps on both (grouped-query attention:
+  every key head serves several query heads), so it joined the default; gate_proj/up_proj would double
+  the 8-bit share of the MLP and are left to ``--quantize int8``.
 """
 
 from __future__ import annotations
@@ -72,8 +81,9 @@ class Int4Settings:
     symmetric: bool = False  # rtn only
     accuracy_level: int | None = 4  # int8 compute in MLAS: several times faster decode on x86
     # MatMuls whose node name contains one of these stay at 8 bits (llama.cpp's q4_k_m keeps ffn_down and
-    # attn_v higher too): mean KL 0.92 -> 0.34 on the SmolLM2 SST-2 fine-tune for 8% more bytes.
-    higher_precision: tuple[str, ...] = ("down_proj", "v_proj")
+    # attn_v higher too): mean KL 0.92 -> 0.34 on the SmolLM2 SST-2 fine-tune for 8% more bytes (HQQ);
+    # k_proj too: GPTQ's KL 0.056 -> 0.047 there for 1% more (module docstring).
+    higher_precision: tuple[str, ...] = ("down_proj", "v_proj", "k_proj")
     lm_head_bits: int | None = 8  # logits projection at 8 bits: 4 bits there costs the most agreement
     embedding: str = "fp16"  # "fp16", "fp32" or "int4" (GatherBlockQuantized; KL x5 on SmolLM2-135M)
 
