@@ -29,8 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 QF = ROOT / "benchmarks" / "results" / "quant_fidelity"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BLOCK = 32
 
 
 def main() -> int:
@@ -94,14 +92,16 @@ def _round(model_dir: Path, calibration: Path):
     from export.calibration import load_calibration
     from export.gptq import decoder_linears, gptq_weights, ort_symmetric
     from export.onnx.gptq import ACT_ORDER
+    from export.onnx.quantize import EIGHT_BIT_BLOCK, INT4_AFTER_GPTQ
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     calib = load_calibration(calibration, tok)
-    names = decoder_linears(model, BLOCK)
+    blocks = {4: INT4_AFTER_GPTQ.block_size, 8: EIGHT_BIT_BLOCK}  # the blocks int4's two passes write
+    names = sorted(set(decoder_linears(model, blocks[4])) & set(decoder_linears(model, blocks[8])))
     start = time.perf_counter()
-    rounded = {bits: gptq_weights(model, calib, {n: ort_symmetric(bits, BLOCK) for n in names},
-                                  f"{bits}-bit blocks", ACT_ORDER)[0] for bits in (4, 8)}
+    rounded = {bits: gptq_weights(model, calib, {n: ort_symmetric(bits, block) for n in names},
+                                  f"{bits}-bit blocks", ACT_ORDER)[0] for bits, block in blocks.items()}
     return model, tok, rounded, time.perf_counter() - start
 
 
