@@ -129,7 +129,8 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
 @click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Rows the model will see (normally the training data; never the evaluation rows), for --smooth.")
+              help="Rows the model will see (normally the training data; never the evaluation rows): int4 is rounded "
+                   "by GPTQ on them, and --gptq/--smooth use them.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Fold the outlier smoothing into the weights before quantizing (int8/int4; needs --calibration).")
 @click.option("--gptq/--no-gptq", default=None,
@@ -203,7 +204,8 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES, case_sensitive=False), default="f16", show_default=True, help="llama.cpp tensor type.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Rows to calibrate the quantizer on (an importance matrix), normally the training data.")
+              help="Rows to calibrate the quantizer on (an importance matrix; the outlier smoothing and --gptq use "
+                   "them too), normally the training data.")
 @click.option("--eval-data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
