@@ -130,7 +130,8 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
               help="Your evaluation rows: verification then decides on them (agreement and task accuracy).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Rows the model will see (normally the training data; never the evaluation rows): int4 is rounded "
-                   "by GPTQ on them, and --gptq/--smooth use them.")
+                   "by GPTQ on them, int8 finds the MatMuls that read massive activations on them (else on sample "
+                   "texts), and --gptq/--smooth use them.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Fold the outlier smoothing into the weights before quantizing (int8/int4; needs --calibration).")
 @click.option("--gptq/--no-gptq", default=None,

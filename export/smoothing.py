@@ -63,25 +63,10 @@ def supports_smoothing(model_type: str) -> bool:
 
 def down_input_absmax(model: Any, calibration: Calibration, max_rows: int = MAX_ROWS) -> dict[int, Any]:
     """Layer index -> per-channel max |x| of the down projection's input over the calibration rows."""
-    import torch
+    from export.massive_inputs import input_channel_max
 
-    maxima: dict[int, Any] = {}
-
-    def hook(index: int):
-        def record(_module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(0).float()
-            maxima[index] = torch.maximum(maxima[index], x) if index in maxima else x
-        return record
-
-    handles = [layer.mlp.down_proj.register_forward_hook(hook(i)) for i, layer in enumerate(_layers(model))]
-    try:
-        with torch.inference_mode():
-            for ids in calibration.sequences[:max_rows]:
-                model(input_ids=torch.tensor([ids]))
-    finally:
-        for h in handles:
-            h.remove()
-    return maxima
+    downs = {i: layer.mlp.down_proj for i, layer in enumerate(_layers(model))}
+    return input_channel_max(model, downs, calibration.sequences[:max_rows])
 
 
 def power_of_two_scales(act_max: Any, down_weight: Any, alpha: float = ALPHA) -> Any:

@@ -140,6 +140,8 @@ def test_int8_runs_smaller_with_record(int8_export, fp32_export):
     assert m["size_bytes"] < fp32_export[1].metrics["size_bytes"]
     assert m["fp32_size_bytes"] == fp32_export[1].metrics["size_bytes"]  # the same fp32 graph, then quantized
     assert m["quantizer"]["method"] and m["quantizer"]["bits"] == 8
+    massive = m["quantizer"]["massive_inputs"]  # measured on the sample texts: a calm model has none
+    assert massive["nodes"] == [] and massive["measured_on"].endswith("sample texts")
     assert 0.0 <= m["logits"]["top1_agreement"] <= 1.0 and np.isfinite(m["logits"]["mean_kl"])
     assert m["optimum"]["generated"] is True  # loads with ORTModelForCausalLM and generates with its cache
     assert read_record(out)["status"] == record.status

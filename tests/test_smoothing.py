@@ -1,5 +1,6 @@
 """Outlier smoothing before quantization: exact in every dtype, the outliers moved into the weights,
-a lower error for the quantized file, and one-line refusals.
+a lower error for the quantized file, and one-line refusals; and int8 MatMuls that read massive
+activations computing on float activations.
 
 The tiny llama has a few planted MLP channels whose activations reach ~100x the rest (``up_proj``
 rows scaled up), as SmolLM2's first-token activations do at the input of ``down_proj``.
@@ -17,13 +18,17 @@ from conftest import make_tiny_llama
 HOT_CHANNELS = tuple(range(5, 512, 32))  # one per 32-value block of the 512 intermediate channels
 
 
-def _plant(model_dir: Path, dtype, layers=(0, 1)) -> Path:
+def _plant(model_dir: Path, dtype, layers=(0, 1), factor: float = 100.0, compensate: bool = False) -> Path:
+    """Scale the hot channels' ``up_proj`` rows by ``factor``; ``compensate``: and their ``down_proj``
+    columns by 1/factor, so the model computes what it did, with massive inputs on small weights."""
     from safetensors.torch import load_file, save_file
 
     weights = load_file(model_dir / "model.safetensors")
     for layer in layers:
         up = weights[f"model.layers.{layer}.mlp.up_proj.weight"]
-        up[list(HOT_CHANNELS)] *= 100.0
+        up[list(HOT_CHANNELS)] *= factor
+        if compensate:
+            weights[f"model.layers.{layer}.mlp.down_proj.weight"][:, list(HOT_CHANNELS)] /= factor
     save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, model_dir / "model.safetensors",
               metadata={"format": "pt"})
     config = json.loads((model_dir / "config.json").read_text())
@@ -140,15 +145,52 @@ def test_smoothing_lowers_the_error_of_the_quantized_gguf(hot_model, calibration
     assert not list(tmp_path.glob(".*partial"))  # the smoothed checkpoint is gone
 
 
-def test_smoothing_lowers_the_error_of_onnx_int8(hot_model, calibration_file, tmp_path):
+def test_smoothing_lowers_the_error_of_onnx_int8(hot_model, calibration_file, tmp_path, monkeypatch):
+    import dataclasses
+
+    import export.onnx.quantize as quantize
     from export.onnx import export_onnx
 
+    # the smoothing alone (float activations for massive inputs are measured on their own, below)
+    monkeypatch.setattr(quantize, "INT8", dataclasses.replace(quantize.INT8, float_massive_inputs=False))
     plain = export_onnx(hot_model, tmp_path / "plain", quantize="int8", calibration=calibration_file, smooth=False)
     smoothed = export_onnx(hot_model, tmp_path / "smooth", quantize="int8", calibration=calibration_file, smooth=True)
     assert "smoothing" not in plain.metrics["quantizer"]
     assert smoothed.metrics["quantizer"]["smoothing"]["channels_scaled"] > 0
     kl = {name: rec.metrics["logits"]["mean_kl"] for name, rec in (("plain", plain), ("smooth", smoothed))}
     assert kl["smooth"] < 0.8 * kl["plain"], kl
+
+
+def test_int8_computes_massive_inputs_on_float_activations(tmp_path, smol_tokenizer_dir, calibration_file, monkeypatch):
+    """Only the MatMul whose input carries massive channels (planted ~1000x on weights 1000x smaller, as
+    SmolLM2's first-token channels sit) leaves int8 activations, its weights still 8-bit, and the int8
+    graph's error falls: quantized with the block's massive value, the other 31 inputs of the block round
+    to zero."""
+    import dataclasses
+
+    import onnx
+    import torch
+
+    import export.onnx.quantize as quantize
+    from export.onnx import export_onnx
+
+    source = _plant(make_tiny_llama(tmp_path / "m", smol_tokenizer_dir, hidden=256, seed=2, init_std=0.05),
+                    torch.float32, layers=(1,), factor=1000.0, compensate=True)
+    on = export_onnx(source, tmp_path / "on", quantize="int8", calibration=calibration_file)
+    massive = on.metrics["quantizer"]["massive_inputs"]
+    assert list(massive["layers"]) == ["model.layers.1.mlp.down_proj"], massive
+    assert massive["nodes"] == ["/model/layers.1/mlp/down_proj/MatMul_Q8"] and "calibration rows" in massive["measured_on"]
+    graph = onnx.load(str(tmp_path / "on" / "model.onnx"), load_external_data=False).graph
+    nodes = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+    assert nodes.pop(massive["nodes"][0]) | {"accuracy_level": 0} == {"K": 512, "N": 256, "accuracy_level": 0,
+                                                                       "bits": 8, "block_size": 32}
+    assert nodes and {a["accuracy_level"] for a in nodes.values()} == {4}
+
+    monkeypatch.setattr(quantize, "INT8", dataclasses.replace(quantize.INT8, float_massive_inputs=False))
+    off = export_onnx(source, tmp_path / "off", quantize="int8", calibration=calibration_file)
+    assert "massive_inputs" not in off.metrics["quantizer"]
+    kl = {name: rec.metrics["logits"]["mean_kl"] for name, rec in (("on", on), ("off", off))}
+    assert kl["on"] < 0.5 * kl["off"], kl
 
 
 @pytest.mark.parametrize("args, message", [

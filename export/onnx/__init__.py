@@ -49,7 +49,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from edgeft.core.errors import ConfigError
 from edgeft.core.fsutil import atomic_dir, ensure_free_space
@@ -59,7 +59,9 @@ from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows, reference
 from export.onnx.gptq import not_reproduced, round_model
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
 from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
-from export.onnx.quantize import GPTQ_VARIANTS, SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant
+from export.massive_inputs import massive_inputs
+from export.onnx.quantize import (GPTQ_VARIANTS, SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant,
+                                  variant_settings)
 from export.onnx.record import write_onnx_record
 from export.onnx.reference import GREEDY_TOKENS, Reference, load_torch, sample_prompts, torch_reference
 from export.onnx.stages import Progress, quiet
@@ -107,7 +109,7 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
                 eval_ref = reference_answers(model, tokenizer, evals, model_dir=model_dir)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
-                                                  forced_smoothing=smooth is True, gptq=rounds)
+                                                  forced_smoothing=smooth is True, gptq=rounds, refs=refs)
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
@@ -160,17 +162,21 @@ def calibration_plan(calibration: Path | None, tokenizer: Any, variant: str, smo
     if gptq and calibration is None:
         raise ConfigError("--gptq needs --calibration FILE (rows the model will see, e.g. the training data)")
     rounds = calibration is not None and (GPTQ_VARIANTS.get(variant, False) if gptq is None else gptq)
-    if rounds and calib is None:
-        return load_calibration(calibration, tokenizer), False, True
+    quant = variant_settings(variant)
+    if calib is None and calibration is not None and (rounds or (quant and quant.float_massive_inputs)):
+        return load_calibration(calibration, tokenizer), False, rounds
     return calib, calib is not None, rounds
 
 
 def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
                    progress: Progress, calibration: Calibration | None = None, *, smooth: bool = True,
-                   forced_smoothing: bool = False, gptq: bool = False) -> tuple[int, dict[str, Any]]:
+                   forced_smoothing: bool = False, gptq: bool = False,
+                   refs: Sequence[Reference] = ()) -> tuple[int, dict[str, Any]]:
     """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings).
     With ``calibration`` the outlier smoothing (when ``smooth``) and GPTQ (when ``gptq``) are folded into
-    ``model`` first (the reference was taken before)."""
+    ``model`` first (the reference was taken before). The layers that read massive activations are
+    measured on the calibration rows, or else on the reference's sample texts (``refs``), for the
+    variants that compute them on float activations (``float_massive_inputs``)."""
     smoothing, rounded, gptq_info = None, None, None
     if calibration is not None and smooth:
         rows = min(calibration.rows, SMOOTHING_ROWS)
@@ -180,6 +186,11 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
         t0 = time.perf_counter()  # GPTQ shows its own progress bar, not a stage spinner
         rounded, gptq_info = round_model(model, variant, calibration)
         progress.timings["gptq_s"] = round(time.perf_counter() - t0, 2)
+    massive = None
+    quant = variant_settings(variant)
+    if quant is not None and quant.float_massive_inputs:
+        massive = (massive_inputs(model, calibration.sequences, "calibration rows") if calibration is not None
+                   else massive_inputs(model, [r.prompt for r in refs], "sample texts"))
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
     with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
         export_fp32(model, model_dir, fp32_dir)
@@ -187,8 +198,11 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
     if variant == "fp32":
         return fp32_bytes, {}
     with progress.stage("convert", f"converting to {variant}"):
-        settings = make_variant(fp32_dir, tmp, variant, gptq=rounded is not None)
+        settings = make_variant(fp32_dir, tmp, variant, gptq=rounded is not None,
+                                float_modules=tuple(massive.layers) if massive else ())
     shutil.rmtree(fp32_dir)  # only the variant ships
+    if massive is not None:
+        settings["massive_inputs"] = massive.record(settings.pop("float_activation_nodes", []))
     if smoothing is not None:
         settings["smoothing"] = smoothing
     if rounded is not None:  # onnxruntime must have stored GPTQ's values, not rounded them again
@@ -218,7 +232,7 @@ def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any,
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
-                                                  forced_smoothing=smooth is True, gptq=rounds)
+                                                  forced_smoothing=smooth is True, gptq=rounds, refs=refs)
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

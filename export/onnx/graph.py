@@ -1,5 +1,6 @@
 """Graph edits the quantizers rely on, pure functions of an ONNX ModelProto: find and untie the logits
-projection, store the embedding table as fp16, and turn HQQ's float zero points into uint4 ones."""
+projection, store the embedding table as fp16, turn HQQ's float zero points into uint4 ones, and let
+chosen MatMulNBits nodes compute on float activations."""
 
 from __future__ import annotations
 
@@ -72,6 +73,35 @@ def embedding_to_fp16(model: Any) -> str | None:
         cast = helper.make_node("Cast", [gather.output[0]], [out], name=gather.name + "_to_float", to=TensorProto.FLOAT)
         graph.node.insert(list(graph.node).index(gather) + 1, cast)
     return init.name
+
+
+FLOAT_ACCURACY_LEVEL = 0  # MatMulNBits accuracy_level unset: float activations (measured alike at 1, 2 and 3)
+
+
+def module_scope(module: str) -> str:
+    """The node-name prefix torch.onnx gives a PyTorch module: ``model.layers.11.mlp.down_proj`` ->
+    ``/model/layers.11/mlp/down_proj/`` (a list index stays joined to its list by a dot)."""
+    parts: list[str] = []
+    for part in module.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += "." + part
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + "/"
+
+
+def compute_in_float(model: Any, modules: Any) -> list[str]:
+    """Set the MatMulNBits nodes of ``modules`` (PyTorch module names) to float activations
+    (``FLOAT_ACCURACY_LEVEL``); their weights stay as quantized. Returns the nodes changed."""
+    scopes = [module_scope(m) for m in modules]
+    changed = []
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and any(node.name.startswith(s) for s in scopes):
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = FLOAT_ACCURACY_LEVEL
+            changed.append(node.name)
+    return changed
 
 
 def split_float_zero_points(model: Any, accuracy_level: int | None) -> int:
