@@ -189,8 +189,9 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
     massive = None
     quant = variant_settings(variant)
     if quant is not None and quant.float_massive_inputs:
-        massive = (massive_inputs(model, calibration.sequences, "calibration rows") if calibration is not None
-                   else massive_inputs(model, [r.prompt for r in refs], "sample texts"))
+        with progress.stage("massive", "finding the layers that read massive activations"):
+            massive = (massive_inputs(model, calibration.sequences, "calibration rows") if calibration is not None
+                       else massive_inputs(model, [r.prompt for r in refs], "sample texts"))
     fp32_dir = tmp if variant == "fp32" else tmp / _FP32_WORK_DIR
     with progress.stage("export", "exporting fp32 ONNX with KV cache (optimum)"):
         export_fp32(model, model_dir, fp32_dir)
