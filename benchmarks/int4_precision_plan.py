@@ -56,7 +56,7 @@ def main() -> int:
 
     model, tok, rounded, seconds = _round(a.model, a.calibration)
     seqs = _eval_sequences(a.eval_data, tok, a.rows)
-    reference = _log_probs(model, seqs)
+    reference = _reference(model, seqs)
     results = []
     for name, kept in plans.items():
         mib = _apply(model, rounded, kept)
@@ -112,12 +112,19 @@ def _eval_sequences(path: Path, tok, rows: int) -> list[list[int]]:
     return load_calibration(path, tok, max_tokens=10**9, flag="--eval-data").sequences[:rows]
 
 
-def _log_probs(model, seqs):
+def _logits(model, seq):
+    """The model's logits over every position after the first of ``seq``, as numpy (positions, vocabulary)."""
     import torch
 
     with torch.inference_mode():
-        return [torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0, 1:].float(), -1).to(torch.bfloat16)
-                for s in seqs]
+        return model(input_ids=torch.tensor([seq])).logits[0, 1:].float().numpy()
+
+
+def _reference(model, seqs):
+    """The reference side: each row's top-K summary, as the bench keeps it (``edgeft.core.compare``)."""
+    from edgeft.core.compare import top_k_summary
+
+    return [top_k_summary(_logits(model, s)) for s in seqs]
 
 
 def _apply(model, rounded, kept: tuple[str, ...]) -> float:
@@ -135,17 +142,14 @@ def _apply(model, rounded, kept: tuple[str, ...]) -> float:
 
 
 def _compare(model, seqs, reference) -> tuple[float, float]:
-    """(mean KL(reference || model), top-1 agreement) over every compared position."""
-    import torch
+    """(mean KL(reference || model), top-1 agreement) over every compared position, by the bench's
+    ``compare_to_summary``."""
+    from edgeft.core.compare import compare_to_summary
 
     kl = agree = n = 0.0
-    with torch.inference_mode():
-        for s, ref in zip(seqs, reference):
-            q = torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0, 1:].float(), -1)
-            p = ref.float()
-            kl += float((p.exp() * (p - q)).sum())
-            agree += float((p.argmax(-1) == q.argmax(-1)).sum())
-            n += p.shape[0]
+    for s, (ids, lp) in zip(seqs, reference):
+        m = compare_to_summary(ids, lp, _logits(model, s))
+        kl, agree, n = kl + m["mean_kl"] * m["positions"], agree + m["top1_agreement"] * m["positions"], n + m["positions"]
     return kl / n, agree / n
 
 

@@ -289,6 +289,37 @@ def test_eval_rows_skip_the_shared_system_prompt(smol_tokenizer_dir, tmp_path):
     assert tok.decode(row.ids[row.prompt_len:]) == "Blue.<|im_end|>"
 
 
+def test_eval_rows_score_each_shared_context_once(smol_tokenizer_dir, tmp_path):
+    """Rows that share an instruction have the same logits over it: one row scores those positions."""
+    from runtime.modelfiles import load_tokenizer
+    from runtime.bench import eval_set
+
+    tok = load_tokenizer(str(smol_tokenizer_dir))
+    data = tmp_path / "eval.jsonl"
+    reviews = ["a dull , lifeless film .", "warm and funny .", "a dull , lifeless film .", "loud ."]
+    data.write_text("".join(json.dumps({"instruction": "Classify the sentiment of this review.", "input": r,
+                                        "output": "negative"}) + "\n" for r in reviews))
+    evals = eval_set(tok, data, None, 4)
+    contexts = [tuple(r.ids[:t + 1]) for r in evals.rows for t in range(r.compare_from, len(r.ids) - 1)]
+    prompt_only = [tuple(r.ids[:t + 1]) for r in evals.rows for t in range(r.compare_from, r.prompt_len - 1)]
+    assert len(prompt_only) == len(set(prompt_only))  # no context of the prompts is scored twice
+    assert evals.positions == len(contexts)
+    for r in evals.rows:  # every answer position is still scored
+        assert r.compare_from <= r.prompt_len - 1
+    instruction = tok.decode(evals.rows[0].ids[: evals.rows[0].prompt_len])
+    assert "Classify the sentiment" in instruction
+    scoring_instruction = [r for r in evals.rows if "Classify" in tok.decode(r.ids[r.compare_from: r.prompt_len])]
+    assert len(scoring_instruction) == 1
+    alone = eval_set(tok, _one_row(tmp_path, data), None, 4).rows[0]
+    assert alone.compare_from < min(r.compare_from for r in evals.rows if r is not scoring_instruction[0])
+
+
+def _one_row(tmp_path, data):
+    path = tmp_path / "one.jsonl"
+    path.write_text(data.read_text().splitlines()[1] + "\n")
+    return path
+
+
 def test_bandwidth_is_measured():
     from runtime.machine import measure_bandwidth
 

@@ -147,7 +147,8 @@ def _workload(cfg: BenchConfig, evals: EvalSet, prompt: list[int]) -> dict[str, 
                     "warmup": cfg.warmup, "repeats": cfg.repeats, "statistic": "median over repeats; min/max beside"},
         "accuracy": {"data": str(evals.path), "rows": len(evals.rows), "rows_in_file": evals.total_rows,
                      "compared_positions": evals.positions, "answer_tokens": cfg.answer_tokens,
-                     "compared_from": "start of the last user turn (shared system prompt excluded)",
+                     "compared_from": "start of the last user turn (shared system prompt excluded), each distinct context "
+                                      "once (a prefix shared by several rows is scored in one)",
                      "stop_ids": evals.stop_ids},
     }
 
