@@ -149,7 +149,9 @@ def _compare(model, seqs, reference) -> tuple[float, float]:
     kl = agree = n = 0.0
     for s, (ids, lp) in zip(seqs, reference):
         m = compare_to_summary(ids, lp, _logits(model, s))
-        kl, agree, n = kl + m["mean_kl"] * m["positions"], agree + m["top1_agreement"] * m["positions"], n + m["positions"]
+        kl += m["mean_kl"] * m["positions"]
+        agree += m["top1_agreement"] * m["positions"]
+        n += m["positions"]
     return kl / n, agree / n
 
 

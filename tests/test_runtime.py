@@ -300,12 +300,13 @@ def test_eval_rows_score_each_shared_context_once(smol_tokenizer_dir, tmp_path):
     data.write_text("".join(json.dumps({"instruction": "Classify the sentiment of this review.", "input": r,
                                         "output": "negative"}) + "\n" for r in reviews))
     evals = eval_set(tok, data, None, 4)
-    contexts = [tuple(r.ids[:t + 1]) for r in evals.rows for t in range(r.compare_from, len(r.ids) - 1)]
     prompt_only = [tuple(r.ids[:t + 1]) for r in evals.rows for t in range(r.compare_from, r.prompt_len - 1)]
     assert len(prompt_only) == len(set(prompt_only))  # no context of the prompts is scored twice
-    assert evals.positions == len(contexts)
     for r in evals.rows:  # every answer position is still scored
         assert r.compare_from <= r.prompt_len - 1
+    first, repeat = sorted((evals.rows[0], evals.rows[2]), key=lambda r: r.ids)
+    assert repeat.compare_from == repeat.prompt_len - 1  # an identical row scores its answer positions only
+    assert first.compare_from < first.prompt_len - 1
     instruction = tok.decode(evals.rows[0].ids[: evals.rows[0].prompt_len])
     assert "Classify the sentiment" in instruction
     scoring_instruction = [r for r in evals.rows if "Classify" in tok.decode(r.ids[r.compare_from: r.prompt_len])]

@@ -200,9 +200,9 @@ class QuantSpec:
 # 0.9697, KL 0.00375 -> 0.00450, task accuracy ±0.0 (-0.5..+0.5) -> -1.0 points (-1.7..-0.5). It stays
 # on. With each context scored once (the instruction every row starts with no longer counted 872 times)
 # the same files give top-1 0.9603 -> 0.9611 and KL 0.00380 -> 0.00372: the top-1 gap was one close call
-# in the shared instruction; the task loss stands. (Keeping the down projections that read the massive activations at f16, as ONNX int8 computes them
-# on float activations, was tried on q8_0 and q4_k_m and is not in the product: it did not lower q8_0's
-# KL and lowered q4_k_m's top-1.)
+# in the shared instruction; the task loss stands. (Keeping the down projections that read the massive
+# activations at f16, as ONNX int8 computes them on float activations, was tried on q8_0 and q4_k_m and is
+# not in the product: it did not lower q8_0's KL and lowered q4_k_m's top-1.)
 #
 # The bars: f32/f16/bf16 near-exact; q8_0 and q6_k "high" with room for a fine-tuned model
 # (which quantizes worse than the base: the demo's merged adapter gave q4_k_m top-1 0.854 and KL
