@@ -200,6 +200,16 @@ def export_executorch_cmd(model: Path, output: Path, quantize: str, max_seq_len:
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
 
 
+def _tensor_types(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
+    """``--tensor-type NAME=TYPE`` values as (regex, GGML type) pairs; a bad one is a usage error."""
+    from export.gguf.tables import parse_tensor_type
+
+    try:
+        return tuple(parse_tensor_type(v) for v in values)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @export_group.command("gguf")
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model directory.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file to write.")
@@ -218,9 +228,14 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "auto"]
 @click.option("--gptq/--no-gptq", default=None,
               help="q8_0: round the weights onto q8_0's grid by GPTQ on --calibration rows (error-compensated; "
                    "default: off, the type's measured choice).")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="NAME=TYPE", callback=_tensor_types,
+              help="Store the tensors whose GGUF name matches the regular expression NAME in TYPE (f16, bf16, q8_0, "
+                   "...), as llama-quantize's flag does; repeatable, first match wins, before the type's own choices. "
+                   "E.g. ffn_up=f16 buys agreement with bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | None, eval_data: Path | None,
-                    max_accuracy_drop: float, smooth: bool | None, gptq: bool | None, overwrite: bool) -> None:
+                    max_accuracy_drop: float, smooth: bool | None, gptq: bool | None, tensor_types: tuple,
+                    overwrite: bool) -> None:
     """Export to GGUF for llama.cpp (and write an Ollama Modelfile), and verify.
 
     --type auto tries the quantized types (with and without calibration: importance matrix, GPTQ) on --eval-data and
@@ -229,6 +244,10 @@ def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | N
     if qtype.lower() == "auto":
         from export.gguf.auto import export_gguf_auto
 
+        if tensor_types:
+            raise click.BadParameter("--type auto chooses every tensor's type itself; drop --tensor-type",
+                                     param_hint="--tensor-type")
+
         _report(export_gguf_auto(model, output, max_accuracy_drop=max_accuracy_drop, eval_data=eval_data,
                                  calibration=calibration, overwrite=overwrite))
         return
@@ -236,7 +255,8 @@ def export_gguf_cmd(model: Path, output: Path, qtype: str, calibration: Path | N
     from export.gguf.tables import QuantOptions
 
     _report(export_gguf(model, output, qtype=qtype.lower(), overwrite=overwrite, calibration=calibration,
-                        eval_data=eval_data, quant_options=QuantOptions(smooth=smooth, gptq=gptq)))
+                        eval_data=eval_data,
+                        quant_options=QuantOptions(smooth=smooth, gptq=gptq, tensor_types=tensor_types)))
 
 
 @export_group.command("gguf-lora")

@@ -108,6 +108,42 @@ def test_quantize_path_writes_record(tmp_path, tiny_llama_dir, qtype, body_types
     assert json.loads((tmp_path / (out.name + ".verify.json")).read_text())["status"] == rec.status
 
 
+def test_tensor_types_override_the_mix(tmp_path, tiny_llama_dir):
+    out = tmp_path / "tiny-q8_0.gguf"
+    opts = T.QuantOptions(tensor_types=(T.parse_tensor_type("attn_q=f16"), T.parse_tensor_type(r"blk\.1\.ffn_up=bf16")))
+    rec = export_gguf(tiny_llama_dir, out, qtype="q8_0", quant_options=opts)
+    types = gguf_tensor_types(out)
+    assert {types[f"blk.{i}.attn_q.weight"] for i in (0, 1)} == {"F16"}
+    assert (types["blk.0.ffn_up.weight"], types["blk.1.ffn_up.weight"]) == ("Q8_0", "BF16")
+    assert types["blk.0.attn_v.weight"] == "F16" and types["blk.0.attn_k.weight"] == "Q8_0"  # the table's keep stays
+    assert rec.metrics["quantization"]["tensor_types"] == ["attn_q=f16", r"blk\.1\.ffn_up=bf16"]
+
+
+@pytest.mark.parametrize("qtype, value, message", [
+    ("q8_0", "attn_qq=f16", r"--tensor-type attn_qq=f16: matches no tensor of this model \(names look like blk\."),
+    ("f16", "attn_q=q8_0", "--type f16 stores every tensor as it is"),
+])
+def test_tensor_types_refused_before_writing(tmp_path, tiny_llama_dir, qtype, value, message):
+    out = tmp_path / "o" / "m.gguf"
+    with pytest.raises(EdgeftError, match=message):
+        export_gguf(tiny_llama_dir, out, qtype=qtype, quant_options=T.QuantOptions(tensor_types=(T.parse_tensor_type(value),)))
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+@pytest.mark.parametrize("value, message", [("ffn_up", "expected NAME=TYPE"), ("ffn_up=q9", "unknown type 'q9'"),
+                                            ("(=f16", "is not a regular expression")])
+def test_bad_tensor_type_flag_is_one_line(tmp_path, tiny_llama_dir, value, message):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", "gguf", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "m.gguf"),
+                                 "--type", "q8_0", "--tensor-type", value])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--tensor-type" in lines[0] and message in lines[0], r.output
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},  # becomes a rope_freqs tensor

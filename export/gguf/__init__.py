@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ def export_gguf(model_dir: Path, output: Path, *, qtype: str = "f16", overwrite:
         raise ConfigError(f"{flag} needs --calibration FILE (rows the model will see, e.g. the training data)")
     if opts.gptq and plan.qtype != GPTQ_TYPE:
         raise ConfigError(f"--gptq rounds onto {GPTQ_TYPE}'s grid: use it with --type {GPTQ_TYPE}, not {plan.qtype}")
+    check_tensor_types(plan, opts)
     calib = (load_calibration(calibration, plan.vocab.hf_tokenizer)
              if calibration is not None and not plan.spec.direct
              and (opts.use_imatrix(plan.spec) or opts.use_smooth(plan.spec) or opts.use_gptq(plan.spec)) else None)
@@ -125,7 +127,7 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
         if calib is not None and opts.use_gptq(plan.spec):
             with _timed(timings, "gptq_s"):
                 say(f"GPTQ onto {plan.qtype}'s grid ({calib.rows} calibration rows, {calib.tokens} tokens)")
-                source, gptq, rounded = write_gptq(source, calib, Path(work) / "gptq", keep=opts.keep)
+                source, gptq, rounded = write_gptq(source, calib, Path(work) / "gptq", overrides=opts.overrides(plan.spec))
         try:
             with _timed(timings, "write_s"):
                 write_gguf(source, inter, source.source_dtype)
@@ -135,15 +137,30 @@ def _write(plan: ExportPlan, dst: Path, timings: dict[str, float], calib: Calibr
                     matrix = importance_matrix(source, calib)
             with _timed(timings, "quantize_s"):
                 say(f"quantizing to {plan.qtype} with llama.cpp")
-                quantize_gguf(inter, dst, plan.spec, keep=opts.keep, imatrix=matrix, calibration=calib)
+                quantize_gguf(inter, dst, plan.spec, kept=opts.overrides(plan.spec), imatrix=matrix, calibration=calib)
             if gptq is not None:  # llama.cpp must have stored GPTQ's values, not rounded them again
                 gptq["tensors_not_reproduced"] = not_reproduced(inter, dst, rounded)
         finally:
             inter.unlink(missing_ok=True)
     return {"quantizer": "llama.cpp llama_model_quantize",
             "kept_above_type": [p for p, _ in plan.spec.keep] if opts.keep else [],
+            "tensor_types": [f"{p}={t.name.lower()}" for p, t in opts.tensor_types],
             "imatrix": ({**calib.describe(), "entries": len(matrix)} if calib is not None and matrix else None),
             "smoothing": smoothing, "gptq": gptq}
+
+
+def check_tensor_types(plan: ExportPlan, opts: QuantOptions) -> None:
+    """``--tensor-type`` needs a quantized type, and each NAME must match a 2-D tensor of this model."""
+    if not opts.tensor_types:
+        return
+    if plan.spec.direct:
+        raise ConfigError(f"--tensor-type: --type {plan.qtype} stores every tensor as it is; use it with a quantized type")
+    names = [t.gguf_name for t in plan.tensors if len(t.shape) == 2]
+    for pattern, ggml_type in opts.tensor_types:
+        if not any(re.search(pattern, n) for n in names):
+            example = next((n for n in names if n.startswith("blk.")), names[0])
+            raise ConfigError(f"--tensor-type {pattern}={ggml_type.name.lower()}: matches no tensor of this model "
+                              f"(names look like {example})")
 
 
 def smoothed_plan(plan: ExportPlan, directory: Path) -> ExportPlan:

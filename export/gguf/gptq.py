@@ -28,24 +28,24 @@ GPTQ_TYPE = "q8_0"  # the one --type whose grid this rounds onto
 BLOCK = Q8_0.block  # llama.cpp's QK8_0
 
 
-def gptq_targets(plan: ExportPlan, keep: bool = True) -> dict[str, str]:
+def gptq_targets(plan: ExportPlan, overrides: tuple[tuple[str, Any], ...] = ()) -> dict[str, str]:
     """HF linear module name -> GGUF tensor name, for every decoder-block weight the type stores as
-    q8_0 (not kept above it by ``QuantSpec.keep`` when ``keep``; whole blocks of 32 along the input)."""
-    kept = [re.compile(p) for p, _ in plan.spec.keep] if keep else []
+    q8_0 (none that ``overrides`` gives another type; whole blocks of 32 along the input)."""
+    kept = [re.compile(p) for p, _ in overrides]
     return {t.hf_name[: -len(".weight")]: t.gguf_name for t in plan.tensors
             if t.hf_name.endswith(".weight") and len(t.shape) == 2 and t.gguf_name.startswith("blk.")
             and t.shape[1] % BLOCK == 0 and not any(k.search(t.gguf_name) for k in kept)}
 
 
 def write_gptq(plan: ExportPlan, calibration: Calibration, dest: Path,
-               keep: bool = True) -> tuple[ExportPlan, dict[str, Any], list[str]]:
+               overrides: tuple[tuple[str, Any], ...] = ()) -> tuple[ExportPlan, dict[str, Any], list[str]]:
     """A copy of ``plan.model_dir`` in ``dest`` whose q8_0 tensors lie on q8_0's grid after GPTQ on
     ``calibration`` (written in float32, the only dtype that holds grid values exactly); returns the
     plan reading it, the record's ``gptq`` and the GGUF names of the tensors rounded."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    targets = gptq_targets(plan, keep)
+    targets = gptq_targets(plan, overrides)
     model = AutoModelForCausalLM.from_pretrained(str(plan.model_dir), dtype=torch.float32).eval()
     names = [n for n, m in model.named_modules() if n in targets and isinstance(m, torch.nn.Linear)]
     rounded, info = gptq_weights(model, calibration, {n: Q8_0 for n in names}, "q8_0")

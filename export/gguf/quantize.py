@@ -1,7 +1,8 @@
 """Quantize a lossless GGUF with llama.cpp's own quantizer (``llama_model_quantize``).
 
 llama.cpp chooses each tensor's type for the file type (its own mix); the tensors a type's
-``QuantSpec.keep`` names are passed as overrides (``tt_overrides``) and kept at higher precision.
+``QuantSpec.keep`` names (and the user's ``--tensor-type`` ones before them) are passed as overrides
+(``tt_overrides``) and stored in the type they name.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from export.gguf.llamacpp import captured_stderr, llama_threads
 from export.gguf.tables import QuantSpec
 
 
-def quantize_gguf(src: Path, dst: Path, spec: QuantSpec, *, keep: bool = True,
+def quantize_gguf(src: Path, dst: Path, spec: QuantSpec, *, kept: tuple[tuple[str, Any], ...] = (),
                   imatrix: dict[str, Any] | None = None, calibration: Calibration | None = None) -> None:
-    """Quantize ``src`` into ``dst`` with llama.cpp's quantizer: its mix, our higher-precision tensors
-    (unless ``keep`` is False: llama.cpp's plain mix), and the importance matrix when one is given."""
+    """Quantize ``src`` into ``dst`` with llama.cpp's quantizer: its mix, the ``kept`` overrides ((regex,
+    GGML type), first match wins; none: llama.cpp's plain mix), and the importance matrix when one is given."""
     from runtime.backends import import_llama_cpp  # one place sets up llama.cpp's logging and abort handling
 
     llama_cpp = import_llama_cpp()
@@ -31,7 +32,6 @@ def quantize_gguf(src: Path, dst: Path, spec: QuantSpec, *, keep: bool = True,
         # With tied embeddings llama.cpp quantizes token_embd as the output tensor, so both knobs.
         params.token_embedding_type = int(spec.embed_type)
         params.output_tensor_type = int(spec.embed_type)
-    kept = spec.keep if keep else ()
     patterns = [p.encode() for p, _ in kept]  # referenced until the call returns
     if kept:
         overrides = (llama_cpp.llama_model_tensor_override * (len(kept) + 1))()  # NULL-terminated
