@@ -128,19 +128,21 @@ class Simulation:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.linears = {n: m for n, m in self.model.named_modules()
                         if isinstance(m, torch.nn.Linear) and m.in_features % BLOCK == 0}
-        self.kinds = {n.rsplit(".", 1)[-1] for n in self.linears}
+        self.kind_of = {n: n.rsplit(".", 1)[-1] for n in self.linears}  # module -> projection kind
+        self.kinds = set(self.kind_of.values())
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.param_of = {n: names[id(m.weight)] for n, m in self.linears.items()}  # module -> its weight's name
         self.weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.dim() == 2}
-        embedding = self.model.get_input_embeddings().weight
-        self.embedding = next(n for n, p in self.model.named_parameters() if p is embedding)
+        self.embedding = names[id(self.model.get_input_embeddings().weight)]
         # tied: the output projection is the embedding, stored (and rounded) as the lm_head kind says
-        self.tied = any(m.weight is embedding for m in self.linears.values())
+        self.tied = self.embedding in self.param_of.values()
         self.reference = [top_k_summary(self._logits(r)) for r in self.rows]
         total = sum(p.numel() for p in self.weights.values())
         self.q8_mib = total * Q8_BITS_PER_WEIGHT / 8 / 2**20
 
     def f16_cost(self, kinds) -> float:
         """MiB more for storing ``kinds`` in f16 instead of q8_0 (a tied output projection is the embedding)."""
-        names = {self._param_name(n) for n in self.linears if n.rsplit(".", 1)[-1] in kinds}
+        names = {self.param_of[n] for n, kind in self.kind_of.items() if kind in kinds}
         return sum(self.weights[n].numel() for n in names) * (16 - Q8_BITS_PER_WEIGHT) / 8 / 2**20
 
     def run(self, name: str, *, weights, activations, extra_mib: float = 0.0, kind: str | None = None) -> dict:
@@ -150,12 +152,12 @@ class Simulation:
         from edgeft.core.compare import compare_to_summary
 
         start = time.perf_counter()
-        rounded = {self._param_name(n) for n in self.linears if n.rsplit(".", 1)[-1] in weights}
+        rounded = {self.param_of[n] for n, kind in self.kind_of.items() if kind in weights}
         if weights and not self.tied:  # llama.cpp stores the token embedding at q8_0 in a q8_0 file
             rounded.add(self.embedding)
         params = dict(self.model.named_parameters())
         hooks = [m.register_forward_pre_hook(lambda _m, args: (q8_round(args[0]),) + tuple(args[1:]))
-                 for n, m in self.linears.items() if n.rsplit(".", 1)[-1] in activations]
+                 for n, m in self.linears.items() if self.kind_of[n] in activations]
         try:
             with torch.no_grad():
                 for n, w in self.weights.items():
@@ -174,10 +176,6 @@ class Simulation:
         print(f"{name}: top-1 {result['top1_agreement']:.4f}, KL {result['mean_kl']:.5f}, +{extra_mib:.1f} MiB", flush=True)
         return result
 
-    def _param_name(self, module_name: str) -> str:
-        weight = self.linears[module_name].weight
-        return next(n for n, p in self.model.named_parameters() if p is weight)
-
     def _logits(self, row):
         import torch
 
@@ -187,12 +185,9 @@ class Simulation:
 
 
 def _plot(results, path: Path, title: str, target: float, q8_mib: float) -> None:
-    import matplotlib
+    from edgeft.plots import _pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7.5, 4.5))
     for r in results:
         if r["name"] in ("weights only", "activations only"):
             ax.axhline(r["top1_agreement"], color="C2" if r["name"] == "weights only" else "C1", ls=":", lw=1)
@@ -205,9 +200,7 @@ def _plot(results, path: Path, title: str, target: float, q8_mib: float) -> None
     ax.set_xlabel("weights, MiB (q8_0, the named projections in f16)")
     ax.set_ylabel("top-1 agreement (simulated)")
     ax.set_title(f"8-bit weights and activations: what stays float ({title})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -156,12 +156,9 @@ def _compare(model, seqs, reference) -> tuple[float, float]:
 
 
 def _plot(results, path: Path, title: str) -> None:
-    import matplotlib
+    from edgeft.plots import _pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for r in results:
         if r["plan"] == "all 4-bit":
             continue  # off the scale of the others
@@ -170,9 +167,7 @@ def _plot(results, path: Path, title: str) -> None:
     ax.set_xlabel("decoder weights, MiB")
     ax.set_ylabel("mean KL vs fp32 (PyTorch)")
     ax.set_title(f"int4 GPTQ: projections kept at 8 bits ({title})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":
