@@ -206,8 +206,8 @@ class QuantSpec:
 # Where q8_0's remaining loss is (benchmarks/eight_bit_loss.py; README "Why 8-bit stops near 96% top-1"):
 # llama.cpp's kernels round the activations onto 8-bit blocks of 32 as well, the larger share, and no
 # small set of tensors holds it. attn_q, attn_k and ffn_up in f16 (``--tensor-type``) verify at top-1 0.969
-# on the fine-tune's 256 dev rows for 0.68x the f16 file's bytes, against 0.958 at 0.55x: the user's
-# trade to make, not the default.
+# on the fine-tune's 256 dev rows for 0.68x the f16 file's bytes, against the default's 0.958 (an earlier
+# run) at 0.55x: the user's trade to make, not the default.
 #
 # The bars: f32/f16/bf16 near-exact; q8_0 and q6_k "high" with room for a fine-tuned model
 # (which quantizes worse than the base: the demo's merged adapter gave q4_k_m top-1 0.854 and KL
