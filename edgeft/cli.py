@@ -141,10 +141,14 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
               help="--quantize auto: task accuracy points the variant kept may lose against the merged model "
                    "(judged on the upper end of the 95% interval over your --eval-data rows).")
+@click.option("--activation-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
+              help="int8/int4: 8 = onnxruntime's int8 kernels round each MatMul input to 8-bit blocks; 16 = each input "
+                   "goes in as that rounding plus its remainder, two rows of one call (same file; agreement up, "
+                   "decode slower).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
                     calibration: Path | None, smooth: bool | None, gptq: bool | None, max_accuracy_drop: float,
-                    overwrite: bool) -> None:
+                    activation_bits: str, overwrite: bool) -> None:
     """Export to ONNX with KV cache (optimum), optionally quantized, and verify.
 
     --quantize auto tries int4 and int8 (with --calibration: int4 GPTQ-rounded, int8 also smoothed + GPTQ)
@@ -166,13 +170,13 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
         from export.onnx.auto import export_onnx_auto
 
         _report(export_onnx_auto(model, output, max_accuracy_drop=max_accuracy_drop, eval_data=eval_data,
-                                 calibration=calibration, overwrite=overwrite))
+                                 calibration=calibration, overwrite=overwrite, activation_bits=int(activation_bits)))
         return
     module, name = ONNX_FORMATS[fmt]
     export = getattr(importlib.import_module(module), name)
     extra = {"eval_data": eval_data} if eval_data is not None else {}
     _report(export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite,
-                   calibration=calibration, smooth=smooth, gptq=gptq, **extra))
+                   calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=int(activation_bits), **extra))
 
 
 @export_group.command("executorch")

@@ -254,3 +254,78 @@ def test_int4_keeps_down_v_and_k_projections_and_logits_at_8_bits(fp32_export, t
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # no float projection left
     lm = OrtLM(tmp_path / "model.onnx")
     assert np.isfinite(lm.logits([[1, 2, 3, 4]], 0)[0]).all()
+
+
+def _nbits_graph(k: int, n: int, readers: dict[str, str], accuracy_level: int, seed: int = 0):
+    """A graph of MatMuls (name -> input) on a shared weight shape, quantized by onnxruntime to 8-bit blocks of 32."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(seed)
+    inputs = sorted(set(readers.values()))
+    nodes, inits = [], []
+    for name, x in readers.items():
+        inits.append(numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32), f"{name}_w"))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}_w"], [f"{name}_y"], name=name))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "seq", k]) for x in inputs],
+                              [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, "seq", n]) for name in readers],
+                              inits)
+    q = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), bits=8, block_size=32,
+                             is_symmetric=True, accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.from_numpy on a read-only array, inside the quantizer
+def test_two_pass_activations_removes_the_int8_kernels_input_rounding():
+    """int8 compute rounds each input block to 8 bits; split into that rounding plus its remainder, the same
+    node gives the float-activation result on the same 8-bit weights, with one split per shared input."""
+    import onnxruntime as ort
+
+    from export.onnx.graph import two_pass_activations
+
+    readers = {"q": "x", "k": "x", "o": "z"}  # q and k read one input: one split serves both
+    k, n = 96, 40
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.normal(size=(1, 5, k)).astype(np.float32), "z": rng.normal(size=(1, 5, k)).astype(np.float32)}
+    feeds["x"][0, 0, 7] = 300.0  # a massive activation: its block's other inputs round to 0 at 8 bits
+    feeds["z"][0, 2, 40:72] = 0.0  # an all-zero block must stay finite
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    weights_only = run(_nbits_graph(k, n, readers, accuracy_level=0))  # float activations, the same 8-bit weights
+    int8 = _nbits_graph(k, n, readers, accuracy_level=4)
+    plain = run(int8)
+    assert sorted(two_pass_activations(int8)) == sorted(n.name for n in int8.graph.node if n.op_type == "MatMulNBits")
+    assert sum(node.op_type == "Concat" for node in int8.graph.node) == 2  # x once (q, k), z once
+    split = run(int8)
+    for exact, before, after in zip(weights_only, plain, split):
+        assert np.isfinite(after).all()
+        err_before, err_after = np.abs(before - exact).max(), np.abs(after - exact).max()
+        assert err_after < err_before / 20, (err_before, err_after)
+
+
+def test_activation_bits_16_int8_export_agrees_better(tiny_llama_dir, int8_export, out_root):
+    from export.onnx import export_onnx
+
+    record = export_onnx(tiny_llama_dir, out_root / "int8-a16", quantize="int8", activation_bits=16)
+    plain = int8_export[1].metrics
+    q = record.metrics["quantizer"]
+    assert q["activation_bits"] == 16
+    assert q["two_pass_nodes"] == 15  # 2 layers x 7 projections + the logits projection
+    assert record.metrics["size_bytes"] - plain["size_bytes"] < 0.01 * plain["size_bytes"]  # the same weights
+    # the random tiny model is too unsure for int8's top-1 bar either way; its KL must fall, with and without cache
+    assert record.metrics["logits"]["mean_kl"] < 0.75 * plain["logits"]["mean_kl"]
+    assert record.metrics["kv_cache"]["mean_kl"] < 0.75 * plain["kv_cache"]["mean_kl"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--activation-bits", "16"], "--activation-bits 16: only int8 and int4"),
+    (["--activation-bits", "16", "--quantize", "fp16"], "--activation-bits 16: only int8 and int4"),
+    (["--activation-bits", "12", "--quantize", "int8"], "'12' is not one of '8', '16'"),
+])
+def test_activation_bits_refused_in_one_line(tiny_llama_dir, tmp_path, args, message):
+    result = _cli(["export", "onnx", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "out"), *args])
+    assert result.exit_code in (1, 2) and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -82,7 +82,7 @@ _FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed befor
 
 def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
                 eval_data: Path | None = None, calibration: Path | None = None, smooth: bool | None = None,
-                gptq: bool | None = None, max_eval_rows: int = MAX_EVAL_ROWS) -> Record:
+                gptq: bool | None = None, max_eval_rows: int = MAX_EVAL_ROWS, activation_bits: int = 8) -> Record:
     """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
 
     ``quantize``: None (fp32), "int8", "int4" or "fp16". ``eval_data``: the user's evaluation rows;
@@ -92,12 +92,14 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
     the decoder's weights rounded onto the variant's grid by GPTQ, ``export/onnx/gptq.py``; None: on for the
     variants ``GPTQ_VARIANTS`` names when ``calibration`` is given). The record is also written to
     ``output/edgeft-verify.json``; a failed verification is returned (status "failed"), not raised.
+    ``activation_bits``: 16 lets int8/int4's int8 kernels see each input as two 8-bit rows (``quantize``).
     """
     variant = parse_variant(quantize)
+    check_activation_bits(variant, activation_bits)
     model_dir, output = Path(model_dir), Path(output)
     tokenizer = plan_export(model_dir, output, variant, overwrite)
     evals = load_eval_rows(eval_data, tokenizer, max_rows=max_eval_rows) if eval_data is not None else None
-    calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq)
+    calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq, activation_bits)
     bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
 
     progress = Progress()
@@ -109,7 +111,8 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
                 eval_ref = reference_answers(model, tokenizer, evals, model_dir=model_dir)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
-                                                  forced_smoothing=smooth is True, gptq=rounds, refs=refs)
+                                                  forced_smoothing=smooth is True, gptq=rounds, refs=refs,
+                                                  activation_bits=activation_bits)
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
@@ -151,8 +154,15 @@ def smoothing_calibration(calibration: Path | None, tokenizer: Any, variant: str
     return load_calibration(calibration, tokenizer) if wanted and calibration is not None else None
 
 
+def check_activation_bits(variant: str, activation_bits: int) -> None:
+    """``--activation-bits`` other than 8 is for the variants computed by int8 kernels (int8, int4)."""
+    variant_settings(variant, activation_bits)  # refuses a value outside quantize.ACTIVATION_BITS
+    if activation_bits != 8 and variant_settings(variant) is None:
+        raise ConfigError(f"--activation-bits {activation_bits}: only int8 and int4 compute on 8-bit activations, not {variant}")
+
+
 def calibration_plan(calibration: Path | None, tokenizer: Any, variant: str, smooth: bool | None,
-                     gptq: bool | None) -> tuple[Calibration | None, bool, bool]:
+                     gptq: bool | None, activation_bits: int = 8) -> tuple[Calibration | None, bool, bool]:
     """The calibration rows the variant needs, whether it is smoothed and whether GPTQ rounds it
     (``None``: the tables ``SMOOTHED_VARIANTS`` / ``GPTQ_VARIANTS`` decide when rows are given); unusable rows
     or flags are refused before any work."""
@@ -162,7 +172,7 @@ def calibration_plan(calibration: Path | None, tokenizer: Any, variant: str, smo
     if gptq and calibration is None:
         raise ConfigError("--gptq needs --calibration FILE (rows the model will see, e.g. the training data)")
     rounds = calibration is not None and (GPTQ_VARIANTS.get(variant, False) if gptq is None else gptq)
-    quant = variant_settings(variant)
+    quant = variant_settings(variant, activation_bits)
     if calib is None and calibration is not None and (rounds or (quant and quant.float_massive_inputs)):
         return load_calibration(calibration, tokenizer), False, rounds
     return calib, calib is not None, rounds
@@ -171,7 +181,7 @@ def calibration_plan(calibration: Path | None, tokenizer: Any, variant: str, smo
 def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
                    progress: Progress, calibration: Calibration | None = None, *, smooth: bool = True,
                    forced_smoothing: bool = False, gptq: bool = False,
-                   refs: Sequence[Reference] = ()) -> tuple[int, dict[str, Any]]:
+                   refs: Sequence[Reference] = (), activation_bits: int = 8) -> tuple[int, dict[str, Any]]:
     """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings).
     With ``calibration`` the outlier smoothing (when ``smooth``) and GPTQ (when ``gptq``) are folded into
     ``model`` first (the reference was taken before). The layers that read massive activations are
@@ -187,7 +197,7 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
         rounded, gptq_info = round_model(model, variant, calibration)
         progress.timings["gptq_s"] = round(time.perf_counter() - t0, 2)
     massive = None
-    quant = variant_settings(variant)
+    quant = variant_settings(variant, activation_bits)
     if quant is not None and quant.float_massive_inputs:
         with progress.stage("massive", "finding the layers that read massive activations"):
             massive = (massive_inputs(model, calibration.sequences, "calibration rows") if calibration is not None
@@ -200,7 +210,7 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
         return fp32_bytes, {}
     with progress.stage("convert", f"converting to {variant}"):
         settings = make_variant(fp32_dir, tmp, variant, gptq=rounded is not None,
-                                float_modules=tuple(massive.layers) if massive else ())
+                                float_modules=tuple(massive.layers) if massive else (), activation_bits=activation_bits)
     shutil.rmtree(fp32_dir)  # only the variant ships
     if massive is not None:
         settings["massive_inputs"] = massive.record(settings.pop("float_activation_nodes", []))
@@ -224,16 +234,20 @@ class WrittenVariant:
 @contextlib.contextmanager
 def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
                     overwrite: bool, calibration: Path | None = None,
-                    smooth: bool | None = None, gptq: bool | None = None) -> Iterator[WrittenVariant]:
+                    smooth: bool | None = None, gptq: bool | None = None,
+                    activation_bits: int = 8) -> Iterator[WrittenVariant]:
     """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
     the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export.
-    ``calibration``/``smooth``/``gptq``: as for ``export_onnx`` (unusable rows or flags are refused before any work)."""
-    calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq)
+    ``calibration``/``smooth``/``gptq``/``activation_bits``: as for ``export_onnx`` (unusable rows or flags are
+    refused before any work)."""
+    check_activation_bits(variant, activation_bits)
+    calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq, activation_bits)
     with quiet():
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
-                                                  forced_smoothing=smooth is True, gptq=rounds, refs=refs)
+                                                  forced_smoothing=smooth is True, gptq=rounds, refs=refs,
+                                                  activation_bits=activation_bits)
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

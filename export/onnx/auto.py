@@ -34,8 +34,9 @@ FRONTIER_PNG = "frontier.png"
 
 def export_onnx_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float, eval_data: Path | None,
                      calibration: Path | None = None, overwrite: bool = False,
-                     candidates: tuple[tuple[str, bool], ...] = CANDIDATES) -> Record:
-    """Search ``candidates`` (see the module docstring); returns the kept folder's record."""
+                     candidates: tuple[tuple[str, bool], ...] = CANDIDATES, activation_bits: int = 8) -> Record:
+    """Search ``candidates`` (see the module docstring); returns the kept folder's record.
+    ``activation_bits``: every candidate's (``export_onnx``)."""
     from export.onnx import export_onnx
 
     check_auto_inputs(max_accuracy_drop, eval_data, "--quantize")
@@ -52,7 +53,7 @@ def export_onnx_auto(model_dir: Path, output: Path, *, max_accuracy_drop: float,
             # the calibration rows go to every candidate: GPTQ where the variant's table row takes it
             rec = export_onnx(model_dir, work / name, quantize=variant, eval_data=eval_data,
                               calibration=calibration, smooth=calibrated, gptq=True if calibrated else None,
-                              max_eval_rows=AUTO_MAX_ROWS)
+                              max_eval_rows=AUTO_MAX_ROWS, activation_bits=activation_bits)
             quantizer = rec.metrics.get("quantizer") or {}
             frontier.append(frontier_point(name, rec, rec.metrics["size_bytes"], max_accuracy_drop, variant=variant,
                                            smoothed="skipped" not in quantizer.get("smoothing", {"skipped": True}),

@@ -1,6 +1,7 @@
 """Graph edits the quantizers rely on, pure functions of an ONNX ModelProto: find and untie the logits
-projection, store the embedding table as fp16, turn HQQ's float zero points into uint4 ones, and let
-chosen MatMulNBits nodes compute on float activations."""
+projection, store the embedding table as fp16, turn HQQ's float zero points into uint4 ones, let
+chosen MatMulNBits nodes compute on float activations, and give the int8-compute ones their input at about
+16 bits as two 8-bit rows (``two_pass_activations``)."""
 
 from __future__ import annotations
 
@@ -195,3 +196,80 @@ def _add_offset(graph: Any, node: Any, offset: np.ndarray, block: int,
     nodes += [helper.make_node("MatMul", [block_sums[(x, block)], offset_name], [product], name=product),
               helper.make_node("Add", [node.output[0], product], [out], name=f"{node.name}_offset_add")]
     return nodes
+
+
+INT8_ACCURACY_LEVEL = 4  # MatMulNBits accuracy_level of int8 compute: MLAS rounds each input row onto 8-bit blocks
+INT8_STEPS = 127.0  # symmetric 8-bit: max |x| of a block maps to 127
+
+
+def two_pass_activations(model: Any, skip: Any = ()) -> list[str]:
+    """Let the int8-compute MatMulNBits nodes see their input at about 16 bits, in one call each.
+
+    At accuracy_level 4 MLAS rounds every input row onto 8-bit blocks of ``block_size`` (scale max|x|/127),
+    the larger share of int8's disagreement (README, "Why 8-bit stops near 96% top-1"). Here the input
+    ``x`` is split in the graph into ``hi`` = that same rounding of ``x`` (which the kernel then reproduces
+    exactly) and ``lo = x - hi`` (at most half a step), the two are stacked along the first axis, the node
+    runs once on the stack (its weights read once: decode stays bandwidth-bound) and the halves are added:
+    ``x @ W = hi @ W + lo @ W`` with only ``lo``'s much smaller rounding left. Weights and file size are
+    unchanged. ``hi``/``lo`` are built once per input (q/k/v and gate/up share one). Nodes whose name starts
+    with a prefix in ``skip``, or whose K is not a whole number of blocks, are left as they are. Returns the
+    nodes rewritten."""
+    from onnx import helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    split_inputs: dict[tuple[str, int], str] = {}  # (input, block) -> stacked (hi; lo)
+    nodes: list[Any] = []
+    rewritten: list[str] = []
+    for node in list(graph.node):
+        nodes.append(node)
+        if node.op_type != "MatMulNBits" or any(node.name.startswith(s) for s in skip):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        block = int(attrs.get("block_size", 0))
+        if attrs.get("accuracy_level") != INT8_ACCURACY_LEVEL or not block or attrs["K"] % block:
+            continue
+        x = node.input[0]
+        if (x, block) not in split_inputs:
+            stacked, pre = _hi_lo(graph, node.name, x, block, opset)
+            nodes[-1:-1] = pre  # before the node
+            split_inputs[(x, block)] = stacked
+        out = node.output[0]
+        node.input[0] = split_inputs[(x, block)]
+        node.output[0] = f"{node.name}_two_pass"
+        halves = [f"{node.name}_hi_out", f"{node.name}_lo_out"]
+        split = (helper.make_node("Split", [node.output[0]], halves, name=f"{node.name}_split", axis=0, num_outputs=2)
+                 if opset >= 18 else helper.make_node("Split", [node.output[0]], halves, name=f"{node.name}_split", axis=0))
+        nodes += [split, helper.make_node("Add", halves, [out], name=f"{node.name}_two_pass_add")]
+        rewritten.append(node.name)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return rewritten
+
+
+def _hi_lo(graph: Any, name: str, x: str, block: int, opset: int) -> tuple[str, list[Any]]:
+    """Nodes computing ``concat([hi, lo], axis=0)`` of ``x`` (``two_pass_activations``); (its name, nodes)."""
+    from onnx import helper, numpy_helper
+
+    p, c = f"{name}_act", f"two_pass_{block}"  # node outputs; constants shared by every split of this block size
+    consts = {f"{c}_block_shape": np.array([-1, block], np.int64), f"{c}_axes": np.array([-1], np.int64),
+              f"{c}_steps": np.array(INT8_STEPS, np.float32), f"{c}_tiny": np.array(1e-30, np.float32)}
+    have = {i.name for i in graph.initializer}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items() if k not in have)
+    reduce = (helper.make_node("ReduceMax", [f"{p}_abs", f"{c}_axes"], [f"{p}_max"], keepdims=1) if opset >= 18
+              else helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], axes=[-1], keepdims=1))
+    nodes = [helper.make_node("Shape", [x], [f"{p}_shape"]),
+             helper.make_node("Reshape", [x, f"{c}_block_shape"], [f"{p}_blocks"]),  # rows of K split into blocks
+             helper.make_node("Abs", [f"{p}_blocks"], [f"{p}_abs"]),
+             reduce,
+             helper.make_node("Div", [f"{p}_max", f"{c}_steps"], [f"{p}_scale0"]),
+             helper.make_node("Max", [f"{p}_scale0", f"{c}_tiny"], [f"{p}_scale"]),  # an all-zero block stays 0
+             helper.make_node("Div", [f"{p}_blocks", f"{p}_scale"], [f"{p}_q"]),
+             helper.make_node("Round", [f"{p}_q"], [f"{p}_qr"]),
+             helper.make_node("Mul", [f"{p}_qr", f"{p}_scale"], [f"{p}_hi_blocks"]),
+             helper.make_node("Reshape", [f"{p}_hi_blocks", f"{p}_shape"], [f"{p}_hi"]),
+             helper.make_node("Sub", [x, f"{p}_hi"], [f"{p}_lo"]),
+             helper.make_node("Concat", [f"{p}_hi", f"{p}_lo"], [f"{p}_stacked"], axis=0)]
+    for i, n in enumerate(nodes):
+        n.name = f"{p}_{i}_{n.op_type}"
+    return f"{p}_stacked", nodes

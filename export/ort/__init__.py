@@ -37,7 +37,8 @@ __all__ = ["export_ort"]
 
 
 def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
-               calibration: Path | None = None, smooth: bool | None = None, gptq: bool | None = None) -> Record:
+               calibration: Path | None = None, smooth: bool | None = None, gptq: bool | None = None,
+               activation_bits: int = 8) -> Record:
     """Write the ORT-format model of ``model_dir`` (variant ``quantize``) to ``output``, verify it, return its record.
 
     A failed verification is returned (status "failed") with the folder and its record written, not raised.
@@ -48,7 +49,7 @@ def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, ov
     bars = BARS[variant]
     progress = Progress()
     with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite,
-                         calibration=calibration, smooth=smooth, gptq=gptq) as out:
+                         calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=activation_bits) as out:
         with progress.stage("ort", "converting to ORT format (onnxruntime tools)"):
             out.quantizer["ort_conversion"] = convert_to_ort(out.tmp)
         with progress.stage("verify", f"verifying {variant} model.ort in onnxruntime against PyTorch"):
