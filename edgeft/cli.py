@@ -175,8 +175,14 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
     module, name = ONNX_FORMATS[fmt]
     export = getattr(importlib.import_module(module), name)
     extra = {"eval_data": eval_data} if eval_data is not None else {}
-    _report(export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite,
-                   calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=int(activation_bits), **extra))
+    record = export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite,
+                    calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=int(activation_bits), **extra)
+    agreement = {"top1_agreement", "mean_kl"}
+    if quantize in ("int8", "int4") and activation_bits == "8" and any(
+            c.name in agreement and not c.passed for c in record.checks):
+        click.echo("hint: --activation-bits 16 keeps the same weights and lets onnxruntime's int8 kernels see "
+                   "16-bit inputs (README, \"ONNX int8 with 16-bit activations\"); decoding is slower")
+    _report(record)
 
 
 @export_group.command("executorch")

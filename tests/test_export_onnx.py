@@ -151,6 +151,7 @@ def test_int4_failed_verification_writes_failed_record_and_exits_3(int4_cli_fail
     out, result = int4_cli_failed
     assert result.exit_code == 3, result.output
     assert "failed verification" in result.output
+    assert "hint: --activation-bits 16" in result.output  # the failed check is an agreement bar
     record = read_record(out)
     assert record["status"] == "failed" and record["metrics"]["variant"] == "int4"
     failed = {c["name"] for c in record["checks"] if not c["passed"]}
