@@ -202,7 +202,7 @@ INT8_ACCURACY_LEVEL = 4  # MatMulNBits accuracy_level of int8 compute: MLAS roun
 INT8_STEPS = 127.0  # symmetric 8-bit: max |x| of a block maps to 127
 
 
-def two_pass_activations(model: Any, skip: Any = ()) -> list[str]:
+def two_pass_activations(model: Any) -> list[str]:
     """Let the int8-compute MatMulNBits nodes see their input at about 16 bits, in one call each.
 
     At accuracy_level 4 MLAS rounds every input row onto 8-bit blocks of ``block_size`` (scale max|x|/127),
@@ -211,9 +211,8 @@ def two_pass_activations(model: Any, skip: Any = ()) -> list[str]:
     exactly) and ``lo = x - hi`` (at most half a step), the two are stacked along the first axis, the node
     runs once on the stack (its weights read once: decode stays bandwidth-bound) and the halves are added:
     ``x @ W = hi @ W + lo @ W`` with only ``lo``'s much smaller rounding left. Weights and file size are
-    unchanged. ``hi``/``lo`` are built once per input (q/k/v and gate/up share one). Nodes whose name starts
-    with a prefix in ``skip``, or whose K is not a whole number of blocks, are left as they are. Returns the
-    nodes rewritten."""
+    unchanged. ``hi``/``lo`` are built once per input (q/k/v and gate/up share one). Nodes whose K is not a
+    whole number of blocks are left as they are. Returns the nodes rewritten."""
     from onnx import helper
 
     graph = model.graph
@@ -223,7 +222,7 @@ def two_pass_activations(model: Any, skip: Any = ()) -> list[str]:
     rewritten: list[str] = []
     for node in list(graph.node):
         nodes.append(node)
-        if node.op_type != "MatMulNBits" or any(node.name.startswith(s) for s in skip):
+        if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         block = int(attrs.get("block_size", 0))
