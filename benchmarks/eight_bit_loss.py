@@ -119,7 +119,7 @@ class Simulation:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from edgeft.core.compare import top_k_summary
+        from export.evalrows import reference_summaries
         from runtime.bench.evalset import eval_set
 
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -136,7 +136,7 @@ class Simulation:
         self.embedding = names[id(self.model.get_input_embeddings().weight)]
         # tied: the output projection is the embedding, stored (and rounded) as the lm_head kind says
         self.tied = self.embedding in self.param_of.values()
-        self.reference = [top_k_summary(self._logits(r)) for r in self.rows]
+        self.reference = reference_summaries(self.rows, self._logits)
         total = sum(p.numel() for p in self.weights.values())
         self.q8_mib = total * Q8_BITS_PER_WEIGHT / 8 / 2**20
 
@@ -149,7 +149,7 @@ class Simulation:
         """Top-1 / mean KL with the weights of ``weights`` kinds and the inputs of ``activations`` kinds rounded."""
         import torch
 
-        from edgeft.core.compare import compare_to_summary
+        from export.evalrows import agreement_on_rows
 
         start = time.perf_counter()
         rounded = {self.param_of[n] for n, kind in self.kind_of.items() if kind in weights}
@@ -162,26 +162,19 @@ class Simulation:
             with torch.no_grad():
                 for n, w in self.weights.items():
                     params[n].copy_(q8_round(w) if n in rounded else w)
-            kl = agree = count = 0.0
-            for row, (ids, lp) in zip(self.rows, self.reference):
-                m = compare_to_summary(ids, lp, self._logits(row))
-                kl += m["mean_kl"] * m["positions"]
-                agree += m["top1_agreement"] * m["positions"]
-                count += m["positions"]
+            m = agreement_on_rows(self.rows, self.reference, self._logits)
         finally:
             for h in hooks:
                 h.remove()
-        result = {"name": name, "kind": kind, "extra_mib": round(extra_mib, 1), "top1_agreement": round(agree / count, 4),
-                  "mean_kl": round(kl / count, 6), "seconds": round(time.perf_counter() - start, 1)}
+        result = {"name": name, "kind": kind, "extra_mib": round(extra_mib, 1), "top1_agreement": round(m["top1_agreement"], 4),
+                  "mean_kl": round(m["mean_kl"], 6), "seconds": round(time.perf_counter() - start, 1)}
         print(f"{name}: top-1 {result['top1_agreement']:.4f}, KL {result['mean_kl']:.5f}, +{extra_mib:.1f} MiB", flush=True)
         return result
 
     def _logits(self, row):
-        import torch
+        from export.evalrows import torch_compared_logits
 
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([row.ids])).logits[0]
-        return out[row.compare_from:len(row.ids) - 1].float().numpy()
+        return torch_compared_logits(self.model, row)
 
 
 def _plot(results, path: Path, title: str, target: float, q8_mib: float) -> None:

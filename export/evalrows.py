@@ -45,21 +45,12 @@ _CACHE: dict[tuple[Any, ...], ReferenceAnswers] = {}
 def reference_answers(model: Any, tokenizer: Any, evals: Any, *, model_dir: Path | None = None) -> ReferenceAnswers:
     """Run the merged PyTorch ``model`` over every evaluation row once (once per process for the same
     ``model_dir`` files and rows: ``--type auto`` verifies several candidates against it)."""
-    import torch
-
-    from edgeft.core.compare import top_k_summary
-
     key = _cache_key(model_dir, evals) if model_dir is not None else None
     if key in _CACHE:
         return _CACHE[key]
 
-    summaries, answers = [], []
-    for row in evals.rows:
-        keep = len(row.ids) - row.compare_from  # the compared positions (and the last, dropped below)
-        with torch.no_grad():
-            logits = model(torch.tensor([row.ids]), logits_to_keep=keep).logits[0].float().numpy()
-        summaries.append(top_k_summary(logits[:-1]))
-        answers.append(_torch_greedy(model, row.ids[: row.prompt_len], evals.stop_ids))
+    summaries = reference_summaries(evals.rows, lambda row: torch_compared_logits(model, row))
+    answers = [_torch_greedy(model, row.ids[: row.prompt_len], evals.stop_ids) for row in evals.rows]
     ref = ReferenceAnswers(evals, summaries, answers, grade(answers, evals, tokenizer))
     if key is not None:
         _CACHE[key] = ref
@@ -75,28 +66,57 @@ def _cache_key(model_dir: Path, evals: Any) -> tuple[Any, ...]:
 def compare_on_rows(ref: ReferenceAnswers, tokenizer: Any, logits_of: Callable[[list[int]], np.ndarray],
                     next_token: Callable[[list[int]], int]) -> dict[str, Any]:
     """Agreement and task accuracy of an artifact (``logits_of`` whole sequences, ``next_token`` for greedy)."""
-    from edgeft.core.compare import compare_to_summary
     from runtime.thresholds import paired_difference_interval
 
-    top1 = kl = 0.0
-    n = 0
-    answers = []
-    for row, (ids, lp) in zip(ref.evals.rows, ref.summaries):
-        mine = logits_of(row.ids)[row.compare_from: len(row.ids) - 1]
-        m = compare_to_summary(ids, lp, mine)
-        top1, kl, n = top1 + m["top1_agreement"] * len(mine), kl + m["mean_kl"] * len(mine), n + len(mine)
-        answers.append(_greedy(next_token, row.ids[: row.prompt_len], ref.evals.stop_ids))
+    agreement = agreement_on_rows(ref.evals.rows, ref.summaries,
+                                  lambda row: logits_of(row.ids)[row.compare_from: len(row.ids) - 1])
+    answers = [_greedy(next_token, row.ids[: row.prompt_len], ref.evals.stop_ids) for row in ref.evals.rows]
     hits = grade(answers, ref.evals, tokenizer)
     diff = paired_difference_interval(hits, ref.hits)
     return {
-        "data": str(ref.evals.path), "rows": len(hits), "positions": n,
-        "top1_agreement": top1 / n if n else float("nan"), "mean_kl": kl / n if n else float("nan"),
+        "data": str(ref.evals.path), "rows": len(hits), **agreement,
         "task_accuracy": sum(hits) / len(hits), "reference_task_accuracy": sum(ref.hits) / len(ref.hits),
         "task_accuracy_diff": diff,
         # the drop the rows support at 95%: how far the paired interval's upper end lies below zero
         "supported_drop": max(0.0, -diff["high"]),
         "answer_agreement": sum(a == b for a, b in zip(answers, ref.answers)) / len(answers),
     }
+
+
+def torch_compared_logits(model: Any, row: Any) -> np.ndarray:
+    """A PyTorch causal LM's logits at ``row``'s compared positions (``compare_from`` up to the last token's,
+    which predicts past the row), as float32 numpy (positions, vocabulary)."""
+    import torch
+
+    keep = len(row.ids) - row.compare_from  # the compared positions, and the last, dropped below
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([row.ids]), logits_to_keep=keep).logits[0]
+    return logits[:-1].float().numpy()
+
+
+def reference_summaries(rows: list[Any], logits_of: Callable[[Any], np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The reference side of a comparison: the top-K summary of ``logits_of(row)`` (its compared positions)
+    for each row, as the bench keeps it (``edgeft.core.compare.top_k_summary``)."""
+    from edgeft.core.compare import top_k_summary
+
+    return [top_k_summary(logits_of(row)) for row in rows]
+
+
+def agreement_on_rows(rows: list[Any], summaries: list[tuple[np.ndarray, np.ndarray]],
+                      logits_of: Callable[[Any], np.ndarray]) -> dict[str, Any]:
+    """Top-1 agreement and mean KL(reference || other) over every compared position of ``rows``, the other
+    side's logits from ``logits_of(row)`` (the same positions as the summaries')."""
+    from edgeft.core.compare import compare_to_summary
+
+    top1 = kl = 0.0
+    n = 0
+    for row, (ids, lp) in zip(rows, summaries):
+        if not len(ids):
+            continue  # a row with nothing to compare
+        m = compare_to_summary(ids, lp, logits_of(row))
+        top1, kl, n = top1 + m["top1_agreement"] * m["positions"], kl + m["mean_kl"] * m["positions"], n + m["positions"]
+    return {"positions": n, "top1_agreement": top1 / n if n else float("nan"),
+            "mean_kl": kl / n if n else float("nan")}
 
 
 def grade(answers: list[list[int]], evals: Any, tokenizer: Any) -> list[bool]:
