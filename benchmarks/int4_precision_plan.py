@@ -5,14 +5,15 @@ The product's int4 (``export/onnx/quantize.py``, ``Int4Settings.higher_precision
 8 bits. This benchmark rounds every decoder linear layer of the merged model by the product's GPTQ
 (``export/gptq.py``, act-order, on the calibration rows) onto onnxruntime's symmetric 4-bit blocks and onto
 its 8-bit blocks once each, then, for each plan (which projections take the 8-bit values), writes those
-weights into the PyTorch model and compares it with the unquantized model on the evaluation rows: mean KL
-and top-1 agreement over every position after the first, the decoder's weight bytes, and each plan's KL
-as a ratio of the current default's in the same run. The logits projection, the embedding and
-onnxruntime's int8 activations are left out (the same for every plan), so the absolute figures are lower
-than an export's verification; the export itself is the check of the chosen plan.
+weights into the PyTorch model and compares it with the unquantized model on the evaluation rows as the
+bench does (each distinct context once, from each row's last user turn on): mean KL and top-1 agreement,
+the decoder's weight bytes (codes and fp32 block scales), and each plan's KL as a ratio of the current
+default's in the same run. The logits projection, the embedding and onnxruntime's int8 activations are
+left out (the same for every plan), so the absolute figures are lower than an export's verification; the
+export itself (``edgeft export onnx --quantize int4 --eight-bit PATTERN``) is the check of a plan.
 
     .venv/bin/python benchmarks/int4_precision_plan.py [--model MERGED] [--calibration TRAIN.jsonl]
-        [--eval-data DEV.jsonl] [--rows 96] [--out results/int4_precision_plan.json]
+        [--eval-data DEV.jsonl] [--rows 96] [--near-default] [--out results/int4_precision_plan.json]
 
 Defaults read what ``benchmarks/quant_fidelity.py --prepare-only`` leaves in its output directory.
 Writes the table to stdout, and JSON plus a PNG (decoder MiB against mean KL) to --out.
@@ -32,7 +33,8 @@ QF = ROOT / "benchmarks" / "results" / "quant_fidelity"
 
 
 def main() -> int:
-    from export.onnx.quantize import INT4
+    from export.evalrows import reference_summaries, torch_compared_logits
+    from export.onnx.quantize import EIGHT_BIT_BLOCK, INT4
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=QF / "merged", help="merged model directory")
@@ -40,6 +42,7 @@ def main() -> int:
     ap.add_argument("--eval-data", type=Path, default=QF / "data" / "dev-verify.jsonl")
     ap.add_argument("--rows", type=int, default=96)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int4_precision_plan.json")
+    ap.add_argument("--near-default", action="store_true", help="measure only the default plan and the rungs above it")
     a = ap.parse_args()
 
     default = tuple(INT4.higher_precision)
@@ -48,6 +51,10 @@ def main() -> int:
     plans["down_proj + v_proj"] = base
     for extra in ("q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"):
         plans[f"down_proj + v_proj + {extra}"] = base + (extra,)
+    for extra in ("gate_proj", "up_proj"):  # the next rungs above the default
+        plans[" + ".join(default + (extra,))] = default + (extra,)
+    if a.near_default:
+        plans = {name: kept for name, kept in plans.items() if set(default) < set(kept)}
     same = next((name for name, kept in plans.items() if set(kept) == set(default)), None)
     if same:
         plans[same + " (default)"] = plans.pop(same)
@@ -55,11 +62,12 @@ def main() -> int:
         plans[" + ".join(default) + " (default)"] = default
 
     model, tok, rounded, seconds = _round(a.model, a.calibration)
-    seqs = _eval_sequences(a.eval_data, tok, a.rows)
-    reference = _reference(model, seqs)
+    bpw = {4: 4 + 32 / INT4.block_size, 8: 8 + 32 / EIGHT_BIT_BLOCK}  # bits per weight, with fp32 block scales
+    seqs = _eval_rows(a.eval_data, tok, a.rows, a.model)
+    reference = reference_summaries(seqs, lambda row: torch_compared_logits(model, row))
     results = []
     for name, kept in plans.items():
-        mib = _apply(model, rounded, kept)
+        mib = _apply(model, rounded, kept, bpw)
         kl, top1 = _compare(model, seqs, reference)
         results.append({"plan": name, "eight_bit": list(kept), "decoder_mib": round(mib, 1),
                         "mean_kl": round(kl, 5), "top1_agreement": round(top1, 4)})
@@ -68,7 +76,8 @@ def main() -> int:
     for r in results:
         r["kl_vs_default"] = round(r["mean_kl"] / ref_kl, 3) if ref_kl else None
 
-    print(f"\n{a.model} ({len(seqs)} evaluation rows, {sum(len(s) - 1 for s in seqs)} positions; "
+    print(f"\n{a.model} ({len(seqs)} evaluation rows, {sum(len(r.ids) - 1 - r.compare_from for r in seqs)} "
+          f"distinct contexts; "
           f"GPTQ onto both grids {seconds:.0f} s)\n")
     print("| 8-bit projections | decoder MiB | mean KL | KL / default | top-1 |\n|---|---|---|---|---|")
     for r in results:
@@ -98,36 +107,22 @@ def _round(model_dir: Path, calibration: Path):
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     calib = load_calibration(calibration, tok)
     blocks = {4: INT4_AFTER_GPTQ.block_size, 8: EIGHT_BIT_BLOCK}  # the blocks int4's two passes write
+    grids = {bits: ort_symmetric(bits, block) for bits, block in blocks.items()}
     names = sorted(set(decoder_linears(model, blocks[4])) & set(decoder_linears(model, blocks[8])))
     start = time.perf_counter()
-    rounded = {bits: gptq_weights(model, calib, {n: ort_symmetric(bits, block) for n in names},
-                                  f"{bits}-bit blocks", ACT_ORDER)[0] for bits, block in blocks.items()}
+    rounded = {bits: gptq_weights(model, calib, {n: grid for n in names}, grid.name, ACT_ORDER)[0]
+               for bits, grid in grids.items()}
     return model, tok, rounded, time.perf_counter() - start
 
 
-def _eval_sequences(path: Path, tok, rows: int) -> list[list[int]]:
-    """The first ``rows`` evaluation rows as the model sees them (rendered as calibration rows are)."""
-    from export.calibration import load_calibration
+def _eval_rows(path: Path, tok, rows: int, model_dir: Path) -> list:
+    """The first ``rows`` evaluation rows as the bench compares them (each distinct context once)."""
+    from runtime.bench.evalset import eval_set
 
-    return load_calibration(path, tok, max_tokens=10**9, flag="--eval-data").sequences[:rows]
-
-
-def _logits(model, seq):
-    """The model's logits over every position after the first of ``seq``, as numpy (positions, vocabulary)."""
-    import torch
-
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([seq])).logits[0, 1:].float().numpy()
+    return eval_set(tok, path, rows, 4, model_dir).rows
 
 
-def _reference(model, seqs):
-    """The reference side: each row's top-K summary, as the bench keeps it (``edgeft.core.compare``)."""
-    from edgeft.core.compare import top_k_summary
-
-    return [top_k_summary(_logits(model, s)) for s in seqs]
-
-
-def _apply(model, rounded, kept: tuple[str, ...]) -> float:
+def _apply(model, rounded, kept: tuple[str, ...], bpw: dict[int, float]) -> float:
     """Write the 8-bit values into the projections named by ``kept``, 4-bit into the rest; decoder MiB."""
     import torch
 
@@ -137,22 +132,16 @@ def _apply(model, rounded, kept: tuple[str, ...]) -> float:
         for name in rounded[4]:
             bits = 8 if any(p in name for p in kept) else 4
             params[name].copy_(rounded[bits][name])
-            bits_total += params[name].numel() * bits
+            bits_total += params[name].numel() * bpw[bits]
     return bits_total / 8 / 2**20
 
 
-def _compare(model, seqs, reference) -> tuple[float, float]:
-    """(mean KL(reference || model), top-1 agreement) over every compared position, by the bench's
-    ``compare_to_summary``."""
-    from edgeft.core.compare import compare_to_summary
+def _compare(model, rows, reference) -> tuple[float, float]:
+    """(mean KL(reference || model), top-1 agreement) over every compared position, as the bench compares."""
+    from export.evalrows import agreement_on_rows, torch_compared_logits
 
-    kl = agree = n = 0.0
-    for s, (ids, lp) in zip(seqs, reference):
-        m = compare_to_summary(ids, lp, _logits(model, s))
-        kl += m["mean_kl"] * m["positions"]
-        agree += m["top1_agreement"] * m["positions"]
-        n += m["positions"]
-    return kl / n, agree / n
+    m = agreement_on_rows(rows, reference, lambda row: torch_compared_logits(model, row))
+    return m["mean_kl"], m["top1_agreement"]
 
 
 def _plot(results, path: Path, title: str) -> None:

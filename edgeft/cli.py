@@ -145,10 +145,14 @@ ONNX_FORMATS = {"onnx": ("export.onnx", "export_onnx"), "genai": ("export.genai"
               help="int8/int4: 8 = onnxruntime's int8 kernels round each MatMul input to 8-bit blocks; 16 = each input "
                    "goes in as that rounding plus its remainder, two rows of one call (same file; agreement up, "
                    "decode slower).")
+@click.option("--eight-bit", "eight_bit", multiple=True, metavar="PATTERN",
+              help="int4: also keep the linear layers whose PyTorch module name matches this regular expression at "
+                   "8 bits (repeatable; e.g. up_proj, or layers\\.0\\.mlp). The default keeps down_proj, v_proj "
+                   "and k_proj.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_data: Path | None,
                     calibration: Path | None, smooth: bool | None, gptq: bool | None, max_accuracy_drop: float,
-                    activation_bits: str, overwrite: bool) -> None:
+                    activation_bits: str, eight_bit: tuple[str, ...], overwrite: bool) -> None:
     """Export to ONNX with KV cache (optimum), optionally quantized, and verify.
 
     --quantize auto tries int4 and int8 (with --calibration: int4 GPTQ-rounded, int8 also smoothed + GPTQ)
@@ -164,8 +168,9 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
     if quantize == "auto":
         if fmt != "onnx":
             raise ConfigError(f"--quantize auto: only with --format onnx (not {fmt})")
-        if smooth is not None or gptq is not None:
-            flag = "--smooth/--no-smooth" if smooth is not None else "--gptq/--no-gptq"
+        if smooth is not None or gptq is not None or eight_bit:
+            flag = ("--smooth/--no-smooth" if smooth is not None else "--gptq/--no-gptq" if gptq is not None
+                    else "--eight-bit")
             raise ConfigError(f"{flag}: --quantize auto measures the calibrated candidates itself")
         from export.onnx.auto import export_onnx_auto
 
@@ -176,12 +181,13 @@ def export_onnx_cmd(model: Path, output: Path, quantize: str, fmt: str, eval_dat
     export = getattr(importlib.import_module(module), name)
     extra = {"eval_data": eval_data} if eval_data is not None else {}
     record = export(model, output, quantize=None if quantize == "none" else quantize, overwrite=overwrite,
-                    calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=int(activation_bits), **extra)
+                    calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=int(activation_bits),
+                    eight_bit=eight_bit, **extra)
     agreement = {"top1_agreement", "mean_kl"}
     if quantize in ("int8", "int4") and activation_bits == "8" and any(
             c.name in agreement and not c.passed for c in record.checks):
         click.echo("hint: --activation-bits 16 keeps the same weights and lets onnxruntime's int8 kernels see "
-                   "16-bit inputs (README, \"ONNX int8 with 16-bit activations\"); decoding is slower")
+                   "16-bit inputs (benchmarks/QUANTIZATION.md, \"ONNX int8 with 16-bit activations\"); decoding is slower")
     _report(record)
 
 

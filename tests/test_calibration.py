@@ -315,6 +315,41 @@ def test_onnx_gptq_is_stored_as_rounded_and_agrees_better(variant, outlier_model
         assert kl["gptq"] < 0.8 * kl["plain"], kl
 
 
+def test_onnx_int4_eight_bit_keeps_the_named_layers_at_8_bits_and_agrees_better(outlier_model, calibration_file,
+                                                                               tmp_path):
+    from export.onnx import export_onnx
+
+    default = export_onnx(outlier_model, tmp_path / "int4", quantize="int4", calibration=calibration_file)
+    more = export_onnx(outlier_model, tmp_path / "up8", quantize="int4", calibration=calibration_file,
+                       eight_bit=("up_proj", r"layers\.1\.self_attn\.q_proj"))
+    q = {name: rec.metrics["quantizer"] for name, rec in (("default", default), ("more", more))}
+    # 2 layers: up_proj in both and layer 1's q_proj join the 8-bit pass (down, v, k already there)
+    assert q["more"]["eight_bit_nodes"] == q["default"]["eight_bit_nodes"] + 3
+    assert list(q["more"]["int4"]["higher_precision"])[-2:] == ["up_proj", r"layers\.1\.self_attn\.q_proj"]
+    assert q["more"]["gptq"]["tensors_not_reproduced"] == []  # GPTQ rounded them onto the 8-bit grid too
+    assert more.metrics["size_bytes"] > default.metrics["size_bytes"]
+    kl = {name: next(c.value for c in rec.checks if c.name == "mean_kl") for name, rec in (("default", default),
+                                                                                         ("more", more))}
+    assert kl["more"] < kl["default"], kl
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int8", "--eight-bit", "up_proj"], "--eight-bit: only int4"),
+    (["--quantize", "int4", "--eight-bit", "up_proj("], "--eight-bit 'up_proj(': not a regular expression"),
+    (["--quantize", "int4", "--eight-bit", "no_such_proj"], "--eight-bit 'no_such_proj': matches no linear layer"),
+    (["--quantize", "auto", "--eight-bit", "up_proj", "--eval-data", "CALIB"], "--eight-bit: --quantize auto measures"),
+])
+def test_onnx_eight_bit_refusals_are_one_line(outlier_model, calibration_file, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    args = [str(calibration_file) if a == "CALIB" else a for a in args]
+    result = CliRunner().invoke(cli, ["export", "onnx", "--model", str(outlier_model), "--output", str(tmp_path / "o"), *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--quantize", "int8", "--gptq"], "--gptq needs --calibration FILE"),
     (["--quantize", "fp16", "--gptq", "--calibration", "CALIB"], "--gptq: only the quantized variants"),

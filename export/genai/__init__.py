@@ -30,6 +30,7 @@ Loading it on a device::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from edgeft.core.records import Record
 from export.genai.plan import GENAI_TYPES, genai_type, plan_genai
@@ -47,7 +48,7 @@ __all__ = ["GENAI_TYPES", "export_genai", "genai_type"]
 
 def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
                  calibration: Path | None = None, smooth: bool | None = None, gptq: bool | None = None,
-                 activation_bits: int = 8) -> Record:
+                 activation_bits: int = 8, eight_bit: Sequence[str] = ()) -> Record:
     """Write the GenAI folder of ``model_dir`` (variant ``quantize``) to ``output``, verify it, return its record.
 
     A failed verification is returned (status "failed") with the folder and its record written, not raised.
@@ -58,7 +59,8 @@ def export_genai(model_dir: Path, output: Path, *, quantize: str | None = None, 
     bars = BARS[variant]
     progress = Progress()
     with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite,
-                         calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=activation_bits) as out:
+                         calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=activation_bits,
+                         eight_bit=eight_bit) as out:
         with progress.stage("genai", "writing genai_config.json"):
             write_genai_config(out.tmp, model_dir, tokenizer, model_type)
         with progress.stage("verify", f"verifying {variant} through onnxruntime-genai against PyTorch"):

@@ -58,7 +58,8 @@ from export.calibration import Calibration, load_calibration
 from export.evalrows import MAX_ROWS as MAX_EVAL_ROWS, load_eval_rows, reference_answers
 from export.onnx.gptq import not_reproduced, round_model
 from export.onnx.graph import embedding_to_fp16, split_float_zero_points, untie_lm_head
-from export.onnx.plan import VARIANTS, Source, check_output, inspect_model_dir, parse_variant, space_needed
+from export.onnx.plan import (VARIANTS, Source, check_eight_bit, check_output, inspect_model_dir, parse_variant,
+                              space_needed)
 from export.massive_inputs import massive_inputs
 from export.onnx.quantize import (GPTQ_VARIANTS, SMOOTHED_VARIANTS, Int4Settings, Int8Settings, make_variant,
                                   variant_settings)
@@ -82,7 +83,8 @@ _FP32_WORK_DIR = ".fp32"  # inside the temporary output directory; removed befor
 
 def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
                 eval_data: Path | None = None, calibration: Path | None = None, smooth: bool | None = None,
-                gptq: bool | None = None, max_eval_rows: int = MAX_EVAL_ROWS, activation_bits: int = 8) -> Record:
+                gptq: bool | None = None, max_eval_rows: int = MAX_EVAL_ROWS, activation_bits: int = 8,
+                eight_bit: Sequence[str] = ()) -> Record:
     """Export ``model_dir`` to ONNX in ``output`` (one variant), verify it, and return its record.
 
     ``quantize``: None (fp32), "int8", "int4" or "fp16". ``eval_data``: the user's evaluation rows;
@@ -93,11 +95,15 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
     variants ``GPTQ_VARIANTS`` names when ``calibration`` is given). The record is also written to
     ``output/edgeft-verify.json``; a failed verification is returned (status "failed"), not raised.
     ``activation_bits``: 16 lets int8/int4's int8 kernels see each input as two 8-bit rows (``quantize``).
+    ``eight_bit``: int4 only, regular expressions naming more PyTorch modules to keep at 8 bits
+    (``--eight-bit``; each must match a linear layer of the decoder).
     """
     variant = parse_variant(quantize)
     check_activation_bits(variant, activation_bits)
+    variant_settings(variant, activation_bits, eight_bit)  # refuses --eight-bit for other variants, bad patterns
     model_dir, output = Path(model_dir), Path(output)
     tokenizer = plan_export(model_dir, output, variant, overwrite)
+    check_eight_bit(model_dir, eight_bit)
     evals = load_eval_rows(eval_data, tokenizer, max_rows=max_eval_rows) if eval_data is not None else None
     calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq, activation_bits)
     bars = BARS[variant]  # this package's table, read per call (tests replace it to force a failure)
@@ -112,7 +118,7 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
         with atomic_dir(output, overwrite=overwrite) as tmp:
             fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
                                                   forced_smoothing=smooth is True, gptq=rounds, refs=refs,
-                                                  activation_bits=activation_bits)
+                                                  activation_bits=activation_bits, eight_bit=tuple(eight_bit))
             del model  # the reference is all verification needs; free the weights before ORT loads
             gc.collect()
             with progress.stage("verify", f"verifying {variant} against PyTorch"):
@@ -181,12 +187,14 @@ def calibration_plan(calibration: Path | None, tokenizer: Any, variant: str, smo
 def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
                    progress: Progress, calibration: Calibration | None = None, *, smooth: bool = True,
                    forced_smoothing: bool = False, gptq: bool = False,
-                   refs: Sequence[Reference] = (), activation_bits: int = 8) -> tuple[int, dict[str, Any]]:
+                   refs: Sequence[Reference] = (), activation_bits: int = 8,
+                   eight_bit: tuple[str, ...] = ()) -> tuple[int, dict[str, Any]]:
     """Export fp32 (into ``tmp``, or a work folder inside it) and derive ``variant``; (fp32 bytes, settings).
     With ``calibration`` the outlier smoothing (when ``smooth``) and GPTQ (when ``gptq``) are folded into
     ``model`` first (the reference was taken before). The layers that read massive activations are
     measured on the calibration rows, or else on the reference's sample texts (``refs``), for the
-    variants that compute them on float activations (``float_massive_inputs``)."""
+    variants that compute them on float activations (``float_massive_inputs``). ``eight_bit``: int4's extra
+    8-bit modules (``--eight-bit``)."""
     smoothing, rounded, gptq_info = None, None, None
     if calibration is not None and smooth:
         rows = min(calibration.rows, SMOOTHING_ROWS)
@@ -194,7 +202,7 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
             smoothing = smooth_model(model, calibration, forced=forced_smoothing)
     if gptq and calibration is not None:
         t0 = time.perf_counter()  # GPTQ shows its own progress bar, not a stage spinner
-        rounded, gptq_info = round_model(model, variant, calibration)
+        rounded, gptq_info = round_model(model, variant, calibration, eight_bit)
         progress.timings["gptq_s"] = round(time.perf_counter() - t0, 2)
     massive = None
     quant = variant_settings(variant, activation_bits)
@@ -210,7 +218,8 @@ def write_variant(model: Any, model_dir: Path, tmp: Path, variant: str,
         return fp32_bytes, {}
     with progress.stage("convert", f"converting to {variant}"):
         settings = make_variant(fp32_dir, tmp, variant, gptq=rounded is not None,
-                                float_modules=tuple(massive.layers) if massive else (), activation_bits=activation_bits)
+                                float_modules=tuple(massive.layers) if massive else (), activation_bits=activation_bits,
+                                eight_bit=eight_bit)
     shutil.rmtree(fp32_dir)  # only the variant ships
     if massive is not None:
         settings["massive_inputs"] = massive.record(settings.pop("float_activation_nodes", []))
@@ -235,19 +244,21 @@ class WrittenVariant:
 def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any, progress: Progress, *,
                     overwrite: bool, calibration: Path | None = None,
                     smooth: bool | None = None, gptq: bool | None = None,
-                    activation_bits: int = 8) -> Iterator[WrittenVariant]:
+                    activation_bits: int = 8, eight_bit: Sequence[str] = ()) -> Iterator[WrittenVariant]:
     """Reference, then ``variant`` written into ``output``'s temporary directory (renamed into place on exit),
     the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export.
-    ``calibration``/``smooth``/``gptq``/``activation_bits``: as for ``export_onnx`` (unusable rows or flags are
-    refused before any work)."""
+    ``calibration``/``smooth``/``gptq``/``activation_bits``/``eight_bit``: as for ``export_onnx`` (unusable rows
+    or flags are refused before any work)."""
     check_activation_bits(variant, activation_bits)
+    variant_settings(variant, activation_bits, eight_bit)
+    check_eight_bit(model_dir, eight_bit)
     calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq, activation_bits)
     with quiet():
         model, refs = load_reference(model_dir, tokenizer, progress)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             fp32_bytes, quantizer = write_variant(model, model_dir, tmp, variant, progress, calib, smooth=smoothed,
                                                   forced_smoothing=smooth is True, gptq=rounds, refs=refs,
-                                                  activation_bits=activation_bits)
+                                                  activation_bits=activation_bits, eight_bit=tuple(eight_bit))
             del model
             gc.collect()
             yield WrittenVariant(tmp, refs, fp32_bytes, quantizer)

@@ -17,21 +17,25 @@ import numpy as np
 
 from export.calibration import Calibration
 from export.gptq import Grid, decoder_linears, gptq_weights, ort_symmetric
-from export.onnx.quantize import EIGHT_BIT_BLOCK, INT4_AFTER_GPTQ, INT8
+from export.onnx.graph import module_of
+from export.onnx.quantize import EIGHT_BIT_BLOCK, INT4_AFTER_GPTQ, INT8, higher_precision
 from export.onnx.write import ONNX_NAME
 
 # Round each layer's inputs in order of falling Hessian diagonal (export/gptq.py). SmolLM2 SST-2 fine-tune,
-# int4, 256 dev rows (README, "GPTQ onto onnxruntime's grids"; down_proj, v_proj at 8 bits): top-1 0.889 -> 0.899,
+# int4, 256 dev rows (benchmarks/QUANTIZATION.md, "GPTQ onto onnxruntime's grids"; down_proj, v_proj at 8 bits): top-1 0.889 -> 0.899,
 # mean KL 0.078 -> 0.056.
 ACT_ORDER = True
 
 
-def round_model(model: Any, variant: str, calibration: Calibration) -> tuple[dict[str, Any], dict[str, Any]]:
+def round_model(model: Any, variant: str, calibration: Calibration,
+                eight_bit: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """GPTQ on ``calibration`` for the decoder's linear layers of ``model``, written into it in place;
-    returns GPTQ's weights (``module.weight`` -> tensor, for ``not_reproduced``) and the record's figures."""
+    returns GPTQ's weights (``module.weight`` -> tensor, for ``not_reproduced``) and the record's figures.
+    ``eight_bit``: int4's ``--eight-bit`` patterns (those modules go onto the 8-bit grid too)."""
     import torch
 
-    rounded, info = gptq_weights(model, calibration, onnx_grids(model, variant), f"{variant}'s grid", ACT_ORDER)
+    grids = onnx_grids(model, variant, eight_bit)
+    rounded, info = gptq_weights(model, calibration, grids, f"{variant}'s grid", ACT_ORDER)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in rounded.items():
@@ -39,15 +43,17 @@ def round_model(model: Any, variant: str, calibration: Calibration) -> tuple[dic
     return rounded, info
 
 
-def onnx_grids(model: Any, variant: str) -> dict[str, Grid]:
+def onnx_grids(model: Any, variant: str, eight_bit: tuple[str, ...] = ()) -> dict[str, Grid]:
     """Decoder linear module name -> the grid the variant's quantizer puts it on (``quantize.INT8``, or
-    ``quantize.INT4_AFTER_GPTQ`` with its higher-precision MatMuls on the 8-bit pass's blocks)."""
+    ``quantize.INT4_AFTER_GPTQ`` with its higher-precision MatMuls, and those ``eight_bit`` names, on the
+    8-bit pass's blocks)."""
     if variant == "int8":
         eight = ort_symmetric(8, INT8.block_size)
         return {n: eight for n in decoder_linears(model, INT8.block_size)}
     eight, four = ort_symmetric(8, EIGHT_BIT_BLOCK), ort_symmetric(4, INT4_AFTER_GPTQ.block_size)
     names = set(decoder_linears(model, EIGHT_BIT_BLOCK)) & set(decoder_linears(model, INT4_AFTER_GPTQ.block_size))
-    return {n: eight if any(p in n for p in INT4_AFTER_GPTQ.higher_precision) else four for n in sorted(names)}
+    kept = INT4_AFTER_GPTQ.higher_precision + tuple(eight_bit)
+    return {n: eight if higher_precision(n, kept) else four for n in sorted(names)}
 
 
 def not_reproduced(onnx_path: Path, rounded: dict[str, Any]) -> list[str]:
@@ -65,7 +71,7 @@ def not_reproduced(onnx_path: Path, rounded: dict[str, Any]) -> list[str]:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         packed, scales = (numpy_helper.to_array(inits[node.input[i]]) for i in (1, 2))
-        decoded[_module_of(node.name)] = _dequantize(packed, scales, attrs["bits"], attrs["K"], attrs["N"])
+        decoded[module_of(node.name)] = _dequantize(packed, scales, attrs["bits"], attrs["K"], attrs["N"])
     bad = []
     for name, want in rounded.items():
         module = name[: -len(".weight")]
@@ -73,12 +79,6 @@ def not_reproduced(onnx_path: Path, rounded: dict[str, Any]) -> list[str]:
         if got is None or got.shape != tuple(want.shape) or not np.array_equal(got, want.numpy()):
             bad.append(module)
     return bad
-
-
-def _module_of(node_name: str) -> str:
-    """``/model/layers.0/self_attn/q_proj/MatMul_Q4`` -> ``model.layers.0.self_attn.q_proj``."""
-    parts = node_name.strip("/").split("/")
-    return ".".join(parts[:-1])
 
 
 def _dequantize(packed: np.ndarray, scales: np.ndarray, bits: int, k: int, n: int) -> np.ndarray:

@@ -202,11 +202,18 @@ INT8_ACCURACY_LEVEL = 4  # MatMulNBits accuracy_level of int8 compute: MLAS roun
 INT8_STEPS = 127.0  # symmetric 8-bit: max |x| of a block maps to 127
 
 
+def module_of(node_name: str) -> str:
+    """The PyTorch module an exported node belongs to: ``/model/layers.0/self_attn/q_proj/MatMul_Q4`` ->
+    ``model.layers.0.self_attn.q_proj`` (optimum names each node by its module path)."""
+    parts = node_name.strip("/").split("/")
+    return ".".join(parts[:-1])
+
+
 def two_pass_activations(model: Any) -> list[str]:
     """Let the int8-compute MatMulNBits nodes see their input at about 16 bits, in one call each.
 
     At accuracy_level 4 MLAS rounds every input row onto 8-bit blocks of ``block_size`` (scale max|x|/127),
-    the larger share of int8's disagreement (README, "Why 8-bit stops near 96% top-1"). Here the input
+    the larger share of int8's disagreement (benchmarks/QUANTIZATION.md, "Why 8-bit stops near 96% top-1"). Here the input
     ``x`` is split in the graph into ``hi`` = that same rounding of ``x`` (which the kernel then reproduces
     exactly) and ``lo = x - hi`` (at most half a step), the two are stacked along the first axis, the node
     runs once on the stack (its weights read once: decode stays bandwidth-bound) and the halves are added:

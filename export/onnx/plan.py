@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.core.errors import ConfigError, EdgeftError
+from export.onnx.quantize import higher_precision
 from export.onnx.stages import quiet
 from export.onnx.write import TASK
 from runtime.modelfiles import read_model_config
@@ -82,8 +83,42 @@ def inspect_model_dir(model_dir: Path) -> Source:
     return Source(model_dir, model_type, weight_files, n_params, weight_bytes)
 
 
+def check_eight_bit(model_dir: Path, eight_bit: tuple[str, ...] | list[str]) -> None:
+    """Each ``--eight-bit`` pattern must name at least one linear layer of the decoder, by PyTorch module name
+    (read from the safetensors headers, before any weights are loaded)."""
+    if not eight_bit:
+        return
+    linears = sorted(name.removesuffix(".weight") for f in sorted(model_dir.glob("*.safetensors"))
+                     for name, info in _header(f)[0].items()
+                     if name.endswith(".weight") and ".layers." in name and len(info.get("shape", ())) == 2)
+    for pattern in eight_bit:
+        if not any(higher_precision(n, (pattern,)) for n in linears):
+            example = linears[0] if linears else "model.layers.0.mlp.up_proj"
+            raise ConfigError(f"--eight-bit {pattern!r}: matches no linear layer of the decoder "
+                              f"(PyTorch module names, e.g. {example})")
+
+
 def safetensors_size(path: Path) -> tuple[int, int]:
     """(parameter count, data bytes) from a safetensors header; truncated or corrupt files raise."""
+    size = path.stat().st_size
+    header, header_bytes = _header(path)
+    params, end = 0, 0
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            params += math.prod(info["shape"])
+            end = max(end, int(info["data_offsets"][1]))
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise EdgeftError(f"{path.name} is corrupt (bad tensor entry in header)") from None
+    if 8 + header_bytes + end > size:
+        raise EdgeftError(f"{path.name} is truncated ({size} bytes; its header declares {8 + header_bytes + end}); copy or save it again")
+    return params, end
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of ``path`` (tensor name -> dtype, shape, offsets) and its length in bytes;
+    truncated or corrupt files raise."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -98,18 +133,7 @@ def safetensors_size(path: Path) -> tuple[int, int]:
             raise EdgeftError(f"{path.name} is corrupt (header is not JSON)") from None
     if not isinstance(header, dict):
         raise EdgeftError(f"{path.name} is corrupt (header is not a JSON object)")
-    params, end = 0, 0
-    try:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            params += math.prod(info["shape"])
-            end = max(end, int(info["data_offsets"][1]))
-    except (KeyError, TypeError, IndexError, ValueError):
-        raise EdgeftError(f"{path.name} is corrupt (bad tensor entry in header)") from None
-    if 8 + n + end > size:
-        raise EdgeftError(f"{path.name} is truncated ({size} bytes; its header declares {8 + n + end}); copy or save it again")
-    return params, end
+    return header, n
 
 
 def _missing_shards(model_dir: Path) -> list[str]:

@@ -16,7 +16,7 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
 - ``int8``, the MatMuls that read massive activations (``export/massive_inputs.py``: an input channel
   300x its median; SmolLM2's down_proj in layers 11 and 28, none in Gemma 3 270M) at accuracy_level 0,
   float activations on their 8-bit weights (``float_massive_inputs``). SmolLM2 SST-2 fine-tune, the
-  export's own verification on 256 dev rows (``--calibration`` the training rows; README, "Massive
+  export's own verification on 256 dev rows (``--calibration`` the training rows; benchmarks/QUANTIZATION.md, "Massive
   activations on float activations"): top-1 / mean KL 0.944 / 0.0082 -> 0.968 / 0.0080; all 872 dev rows
   against the unmerged model (edgeft bench) 0.9446 -> 0.9671; the demo's fine-tune (``make demo``'s bench)
   0.9856 -> 0.9873. int4 is left with int8 activations everywhere: its loss is in the 4-bit weights, and a
@@ -36,7 +36,8 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
   into uint4 zero points plus a per-block offset MatMul (``split_float_zero_points``) so the fast kernels
   apply; every ``down_proj`` and ``v_proj`` at 8 bits (as llama.cpp's q4_k_m keeps ffn_down and attn_v at
   a higher type), int8 compute, logits projection 8-bit, embedding fp16. Chosen on two fine-tunes, on
-  their dev rows (top-1 / mean KL against the merged model; ``benchmarks/onnx_int4.py``, README table):
+  their dev rows (top-1 / mean KL against the merged model; ``benchmarks/onnx_int4.py``,
+  benchmarks/QUANTIZATION.md):
   keeping down_proj and v_proj at 8 bits helped both 4-bit quantizers on both models; with them HQQ led
   k-quant on Gemma 3 270M (0.74 / 0.26 against 0.60 / 0.48) and on SmolLM2-135M's top-1 (0.79 against
   0.78; KL 0.34 against 0.26). All 4-bit alone: 0.63 / 0.92 (HQQ) and 0.70 / 0.62 (k-quant) on SmolLM2.
@@ -54,23 +55,25 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
   context counted once") the same export verifies at 0.858 / 0.065 and fails the int4 bars, with task
   accuracy 0.883 against the reference's 0.879.
 - Which projections stay at 8 bits (``benchmarks/int4_precision_plan.py``: GPTQ onto both grids, each
-  plan compared in PyTorch on the dev rows, README table): on top of down_proj + v_proj, k_proj cut mean
-  KL by a third on the SmolLM2 fine-tune for 1.5 MiB (q_proj, o_proj by 5-6% for 5 MiB; gate_proj,
-  up_proj by 13% and 25% for 13 MiB), and by 4% on Gemma 3 270M for 1.4 MiB (gate_proj, up_proj: about
-  a third for 11 MiB). k_proj is the cheapest projection that helps on both (grouped-query attention:
-  every key head serves several query heads), so it joined the default; gate_proj/up_proj would double
-  the 8-bit share of the MLP and are left to ``--quantize int8``.
+  plan compared in PyTorch on the dev rows; benchmarks/QUANTIZATION.md): on top of down_proj + v_proj,
+  k_proj cut mean KL by a third on the SmolLM2 fine-tune for 1.5 MiB (q_proj, o_proj by 5-6% for 5 MiB;
+  gate_proj, up_proj by 13% and 25% for 13 MiB), and by 4% on Gemma 3 270M for 1.4 MiB (gate_proj,
+  up_proj: about a third for 11 MiB). k_proj is the cheapest projection that helps on both (grouped-query
+  attention: every key head serves several query heads), so it joined the default. up_proj on top of the
+  default (``--eight-bit up_proj``) exports at 0.892 / 0.037 on the SST-2 fine-tune's 256 rows, each
+  context once (default 0.858 / 0.065), still under the top-1 bar, for 7.7% more file: the user's choice.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgeft.core.errors import ConfigError, EdgeftError, one_line
-from export.onnx.graph import (compute_in_float, embedding_to_fp16, lm_head_node, split_float_zero_points,
+from export.onnx.graph import (compute_in_float, embedding_to_fp16, lm_head_node, module_of, split_float_zero_points,
                                two_pass_activations, untie_lm_head)
 from export.onnx.write import ONNX_NAME, save_onnx
 
@@ -112,7 +115,8 @@ class Int4Settings:
     accuracy_level: int | None = 4  # int8 compute in MLAS: several times faster decode on x86
     # MatMuls whose node name contains one of these stay at 8 bits (llama.cpp's q4_k_m keeps ffn_down and
     # attn_v higher too): mean KL 0.92 -> 0.34 on the SmolLM2 SST-2 fine-tune for 8% more bytes (HQQ);
-    # k_proj too: GPTQ's KL 0.056 -> 0.047 there for 1% more (module docstring).
+    # k_proj too: GPTQ's KL 0.056 -> 0.047 there for 1% more (module docstring). Each entry is a regular
+    # expression searched in the PyTorch module name (``higher_precision``); ``--eight-bit`` adds more.
     higher_precision: tuple[str, ...] = ("down_proj", "v_proj", "k_proj")
     lm_head_bits: int | None = 8  # logits projection at 8 bits: 4 bits there costs the most agreement
     embedding: str = "fp16"  # "fp16", "fp32" or "int4" (GatherBlockQuantized; KL x5 on SmolLM2-135M)
@@ -136,10 +140,12 @@ SMOOTHED_VARIANTS = {"int8": False, "int4": False}
 # Variants that can take GPTQ onto their grids (export/onnx/gptq.py) -> whether they do by default when
 # calibration rows are given (``--gptq``/``--no-gptq`` force it). int4, SmolLM2 SST-2 fine-tune, 256 dev
 # rows, against HQQ: top-1 0.791 -> 0.899, mean KL 0.173 -> 0.056, task accuracy 0.859 -> 0.891 (reference
-# 0.879), 6 MiB smaller; README "GPTQ onto onnxruntime's grids" has these and the second model's figures.
+# 0.879), 6 MiB smaller; benchmarks/QUANTIZATION.md "GPTQ onto onnxruntime's grids" has these and the
+# second model's figures.
 # int8 (top-1 / mean KL, plain -> GPTQ): SST-2 fine-tune 0.944 / 0.0082 -> 0.966 / 0.0065, but the demo's
 # fine-tune 0.982 / 0.0137 -> 0.928 / 0.0133 and Gemma 3 270M 0.931 / 0.0162 -> 0.927 / 0.0117: KL fell on all
-# three, top-1 rose on one only (README "Why int8 keeps GPTQ opt-in"); ``--quantize auto`` tries both.
+# three, top-1 rose on one only (benchmarks/QUANTIZATION.md "Why int8 keeps GPTQ opt-in"); ``--quantize auto``
+# tries both.
 GPTQ_VARIANTS = {"int8": False, "int4": True}
 
 INT8 = Int8Settings()
@@ -151,28 +157,51 @@ INT4 = Int4Settings()
 INT4_AFTER_GPTQ = replace(INT4, algorithm="rtn", symmetric=True)
 
 
-def variant_settings(variant: str, activation_bits: int = 8) -> Int8Settings | Int4Settings | None:
+def variant_settings(variant: str, activation_bits: int = 8,
+                     eight_bit: Sequence[str] = ()) -> Int8Settings | Int4Settings | None:
     """The quantized variant's settings (None for fp32/fp16), with ``activation_bits`` (``--activation-bits``;
-    at 16 no MatMul needs float activations, so ``float_massive_inputs`` is off)."""
+    at 16 no MatMul needs float activations, so ``float_massive_inputs`` is off) and, for int4, the
+    ``eight_bit`` patterns (``--eight-bit``) added to ``higher_precision``."""
     settings = {"int8": INT8, "int4": INT4}.get(variant)
     if activation_bits not in ACTIVATION_BITS:
         raise ConfigError(f"--activation-bits {activation_bits}: expected one of {', '.join(map(str, ACTIVATION_BITS))}")
+    if eight_bit:
+        if not isinstance(settings, Int4Settings):
+            raise ConfigError(f"--eight-bit: only int4 keeps some MatMuls at 8 bits, not {variant}")
+        for pattern in eight_bit:
+            check_pattern(pattern)
+        settings = replace(settings, higher_precision=settings.higher_precision + tuple(eight_bit))
     if settings is None or activation_bits == settings.activation_bits:
         return settings
     return replace(settings, activation_bits=activation_bits, float_massive_inputs=False)
 
 
+def check_pattern(pattern: str) -> None:
+    """An ``--eight-bit`` pattern must be a regular expression (searched in PyTorch module names)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"--eight-bit {pattern!r}: not a regular expression ({e})") from None
+
+
+def higher_precision(module: str, patterns: Sequence[str]) -> bool:
+    """Whether PyTorch module ``module`` (``model.layers.3.mlp.up_proj``) stays at 8 bits in int4: one of
+    ``patterns`` (``Int4Settings.higher_precision``) is found in it."""
+    return any(re.search(p, module) for p in patterns)
+
+
 def make_variant(fp32_dir: Path, dest: Path, variant: str, gptq: bool = False,
-                 float_modules: Sequence[str] = (), activation_bits: int = 8) -> dict[str, Any]:
+                 float_modules: Sequence[str] = (), activation_bits: int = 8,
+                 eight_bit: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``variant`` of ``fp32_dir/model.onnx`` to ``dest``; move config/tokenizer there. Returns settings.
     ``gptq``: the weights were rounded onto the variant's symmetric grids (int4 then takes round to nearest).
     ``float_modules``: PyTorch modules whose MatMuls compute on float activations (``float_massive_inputs``).
-    ``activation_bits``: 8 or 16 (``variant_settings``)."""
+    ``activation_bits``: 8 or 16; ``eight_bit``: int4's extra 8-bit patterns (``variant_settings``)."""
     for p in fp32_dir.iterdir():  # config, generation config, tokenizer files
         if p.is_file() and not p.name.startswith(ONNX_NAME):
             shutil.move(str(p), dest / p.name)
     src = fp32_dir / ONNX_NAME
-    settings = variant_settings(variant, activation_bits)
+    settings = variant_settings(variant, activation_bits, eight_bit)
     if isinstance(settings, Int8Settings):
         return quantize_int8(src, dest / ONNX_NAME, settings, float_modules)
     if isinstance(settings, Int4Settings):
@@ -214,7 +243,7 @@ def _weight_only(src: Path, dest: Path, *, bits: int, settings: Int8Settings | I
         model = onnx.load(str(src))
         lm_head = untie_lm_head(model) if settings.lm_head_bits else lm_head_node(model)
         kept = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                and any(part in n.name for part in getattr(settings, "higher_precision", ()))]
+                and higher_precision(module_of(n.name), getattr(settings, "higher_precision", ()))]
         model = _first_pass(model, bits, algorithm, settings, exclude=kept + ([lm_head] if lm_head else []))
         if kept or (settings.lm_head_bits and lm_head):
             # Every MatMul with a constant weight still float: the logits projection unless it stays float,

@@ -22,6 +22,7 @@ On a device: ``onnxruntime-android`` / ``onnxruntime-objc`` (or a reduced build 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from edgeft.core.records import Record
 from export.onnx import plan_export, written_variant
@@ -38,7 +39,7 @@ __all__ = ["export_ort"]
 
 def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, overwrite: bool = False,
                calibration: Path | None = None, smooth: bool | None = None, gptq: bool | None = None,
-               activation_bits: int = 8) -> Record:
+               activation_bits: int = 8, eight_bit: Sequence[str] = ()) -> Record:
     """Write the ORT-format model of ``model_dir`` (variant ``quantize``) to ``output``, verify it, return its record.
 
     A failed verification is returned (status "failed") with the folder and its record written, not raised.
@@ -49,7 +50,8 @@ def export_ort(model_dir: Path, output: Path, *, quantize: str | None = None, ov
     bars = BARS[variant]
     progress = Progress()
     with written_variant(model_dir, output, variant, tokenizer, progress, overwrite=overwrite,
-                         calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=activation_bits) as out:
+                         calibration=calibration, smooth=smooth, gptq=gptq, activation_bits=activation_bits,
+                         eight_bit=eight_bit) as out:
         with progress.stage("ort", "converting to ORT format (onnxruntime tools)"):
             out.quantizer["ort_conversion"] = convert_to_ort(out.tmp)
         with progress.stage("verify", f"verifying {variant} model.ort in onnxruntime against PyTorch"):
