@@ -40,8 +40,8 @@ MAX_ROWS = 64  # calibration rows for the activation maxima (the outliers show i
 # "all" every decoder layer; "outlying" only the layers whose own largest down-projection input is at
 # least LAYER_RATIO times that layer's median. Elsewhere the fold only moves rounding error from the
 # activations into the weights. Measured for GGUF q4_k_m (imatrix) on the SmolLM2-135M SST-2
-# fine-tune, all 872 dev rows against the unmerged model (benchmarks/QUANTIZATION.md, "The full SST-2 dev set"; edgeft
-# bench), mean KL / greedy answers equal to the reference's: no fold 0.0503 / 0.948; all 30 layers
+# fine-tune, all 872 dev rows against the unmerged model (benchmarks/QUANTIZATION.md, "The full SST-2 dev
+# set"; edgeft bench), mean KL / greedy answers equal to the reference's: no fold 0.0503 / 0.948; all 30 layers
 # 0.0635 / 0.967; layers >= 20x (1, 2, 9, 10, 11, 27, 28, 29) 0.0536 / 0.975.
 LAYER_SCOPES = ("all", "outlying")
 LAYER_RATIO = 20.0

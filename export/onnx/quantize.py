@@ -16,10 +16,10 @@ positions; a 525-position sweep agrees within 0.01), and decode time per token a
 - ``int8``, the MatMuls that read massive activations (``export/massive_inputs.py``: an input channel
   300x its median; SmolLM2's down_proj in layers 11 and 28, none in Gemma 3 270M) at accuracy_level 0,
   float activations on their 8-bit weights (``float_massive_inputs``). SmolLM2 SST-2 fine-tune, the
-  export's own verification on 256 dev rows (``--calibration`` the training rows; benchmarks/QUANTIZATION.md, "Massive
-  activations on float activations"): top-1 / mean KL 0.944 / 0.0082 -> 0.968 / 0.0080; all 872 dev rows
-  against the unmerged model (edgeft bench) 0.9446 -> 0.9671; the demo's fine-tune (``make demo``'s bench)
-  0.9856 -> 0.9873. int4 is left with int8 activations everywhere: its loss is in the 4-bit weights, and a
+  export's own verification on 256 dev rows (``--calibration`` the training rows;
+  benchmarks/QUANTIZATION.md, "Massive activations on float activations"): top-1 / mean KL 0.944 / 0.0082
+  -> 0.968 / 0.0080; all 872 dev rows against the unmerged model (edgeft bench) 0.9446 -> 0.9671; the
+  demo's fine-tune (``make demo``'s bench) 0.9856 -> 0.9873. int4 is left with int8 activations everywhere: its loss is in the 4-bit weights, and a
   trial outside the repository's commands showed no gain there.
 - ``int8 --activation-bits 16`` (``two_pass_activations`` in ``graph.py``): every int8-compute MatMul takes
   its input as the kernel's own 8-bit rounding plus the remainder, two rows of one call, so about 16 bits
