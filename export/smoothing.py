@@ -36,13 +36,13 @@ MAX_SCALE_LOG2 = 12  # no channel is scaled by more than 2^12 either way
 # 3.9, ratio 31) loses (q8_0 KL 0.0051 -> 0.0088 on its SST-2 rows).
 MASSIVE_RATIO = 100.0
 MAX_ROWS = 64  # calibration rows for the activation maxima (the outliers show in every row's first token)
-# Which layers of a model with massive activations are folded (a table column per output type):
-# "all" every decoder layer; "outlying" only the layers whose own largest down-projection input is at
-# least LAYER_RATIO times that layer's median. Elsewhere the fold only moves rounding error from the
-# activations into the weights. Measured for GGUF q4_k_m (imatrix) on the SmolLM2-135M SST-2
-# fine-tune, all 872 dev rows against the unmerged model (benchmarks/QUANTIZATION.md, "The full SST-2 dev
-# set"; edgeft bench), mean KL / greedy answers equal to the reference's: no fold 0.0503 / 0.948; all 30 layers
-# 0.0635 / 0.967; layers >= 20x (1, 2, 9, 10, 11, 27, 28, 29) 0.0536 / 0.975.
+# Which layers of a model with massive activations are folded (a table column per output type): "all" every
+# decoder layer; "outlying" only the layers whose own largest down-projection input is at least LAYER_RATIO
+# times that layer's median. Elsewhere the fold only moves rounding error from the activations into the weights.
+# Measured for GGUF q4_k_m (imatrix) on the SmolLM2-135M SST-2 fine-tune, all 872 dev rows against the unmerged
+# model (benchmarks/QUANTIZATION.md, "The full SST-2 dev set"; edgeft bench), mean KL / greedy answers equal to
+# the reference's: no fold 0.0503 / 0.948; all 30 layers 0.0635 / 0.967; layers >= 20x (1, 2, 9, 10, 11, 27, 28,
+# 29) 0.0536 / 0.975.
 LAYER_SCOPES = ("all", "outlying")
 LAYER_RATIO = 20.0
 

@@ -175,8 +175,8 @@ class QuantSpec:
 #   q4_k_m  (keep + imatrix)              top-1 0.884  KL 0.0481  ->  smoothed 0.927 / 0.0594 (+23 %)
 #                                                             outlying layers only 0.927 / 0.0523 (+9 %)  <- on
 # q4_k_m is folded only in the layers that carry outliers (smooth_layers="outlying"; why in
-# export/smoothing.py). On all 872 dev rows against the unmerged model (benchmarks/QUANTIZATION.md, "The
-# full SST-2 dev set"; edgeft bench), task accuracy against the reference: imatrix only -2.4 points, all layers
+# export/smoothing.py). On all 872 dev rows against the unmerged model (benchmarks/QUANTIZATION.md, "The full
+# SST-2 dev set"; edgeft bench), task accuracy against the reference: imatrix only -2.4 points, all layers
 # smoothed -1.5, outlying layers -0.5; greedy answers equal to the reference's 0.948 / 0.967 / 0.975.
 # q5_k_m and q6_k were not measured smoothed and stay off. On Gemma 3 270M's SST-2 fine-tune, whose MLP has
 # no massive activations, a forced fold made q8_0 worse (KL 0.0051 -> 0.0088, 32 dev rows), so by
@@ -194,21 +194,21 @@ class QuantSpec:
 # a gain within the noise for ~2 min more per export (252 s against 124 s with a 100-row verification):
 # opt-in (--gptq), and tried by --type auto.
 #
-# q8_0's smoothing measured again on the fine-tune of the ONNX rows of benchmarks/QUANTIZATION.md (SST-2,
-# 229 calibration rows): `edgeft export gguf --type q8_0 --no-smooth --calibration train.jsonl --eval-data
-# dev-verify.jsonl` verifies at top-1 0.9745, KL 0.00359 on 256 dev rows, but all 872 dev rows against the unmerged model
-# (edgeft bench, benchmarks/QUANTIZATION.md "q8_0 without the smoothing") do not support dropping the fold:
-# top-1 0.9530 -> 0.9697, KL 0.00375 -> 0.00450, task accuracy ±0.0 (-0.5..+0.5) -> -1.0 points (-1.7..-0.5). It stays
-# on. With each context scored once (the instruction every row starts with no longer counted 872 times)
-# the same files give top-1 0.9603 -> 0.9611 and KL 0.00380 -> 0.00372: the top-1 gap was one close call
-# in the shared instruction; the task loss stands. (Keeping the down projections that read the massive
-# activations at f16, as ONNX int8 computes them on float activations, was tried on q8_0 and q4_k_m and is
-# not in the product: it did not lower q8_0's KL and lowered q4_k_m's top-1.)
-# Where q8_0's remaining loss is (benchmarks/eight_bit_loss.py; benchmarks/QUANTIZATION.md "Why 8-bit stops
-# near 96% top-1"): llama.cpp's kernels round the activations onto 8-bit blocks of 32 as well, the larger share, and no
-# small set of tensors holds it. attn_q, attn_k and ffn_up in f16 (``--tensor-type``) verify at top-1 0.969
-# on the fine-tune's 256 dev rows for 0.68x the f16 file's bytes, against the default's 0.958 (an earlier
-# run) at 0.55x: the user's trade to make, not the default.
+# q8_0's smoothing measured again on the fine-tune of the ONNX rows of benchmarks/QUANTIZATION.md (SST-2, 229
+# calibration rows): `edgeft export gguf --type q8_0 --no-smooth --calibration train.jsonl --eval-data
+# dev-verify.jsonl` verifies at top-1 0.9745, KL 0.00359 on 256 dev rows, but all 872 dev rows against the
+# unmerged model (edgeft bench, benchmarks/QUANTIZATION.md "q8_0 without the smoothing") do not support dropping
+# the fold: top-1 0.9530 -> 0.9697, KL 0.00375 -> 0.00450, task accuracy ±0.0 (-0.5..+0.5) -> -1.0 points
+# (-1.7..-0.5). It stays on. With each context scored once (the instruction every row starts with no longer
+# counted 872 times) the same files give top-1 0.9603 -> 0.9611 and KL 0.00380 -> 0.00372: the top-1 gap was one
+# close call in the shared instruction; the task loss stands. (Keeping the down projections that read the
+# massive activations at f16, as ONNX int8 computes them on float activations, was tried on q8_0 and q4_k_m and
+# is not in the product: it did not lower q8_0's KL and lowered q4_k_m's top-1.)
+# Where q8_0's remaining loss is (benchmarks/eight_bit_loss.py; benchmarks/QUANTIZATION.md "Why 8-bit stops near
+# 96% top-1"): llama.cpp's kernels round the activations onto 8-bit blocks of 32 as well, the larger share, and
+# no small set of tensors holds it. attn_q, attn_k and ffn_up in f16 (``--tensor-type``) verify at top-1 0.969
+# on the fine-tune's 256 dev rows for 0.68x the f16 file's bytes, against the default's 0.958 (an earlier run)
+# at 0.55x: the user's trade to make, not the default.
 #
 # The bars: f32/f16/bf16 near-exact; q8_0 and q6_k "high" with room for a fine-tuned model
 # (which quantizes worse than the base: the demo's merged adapter gave q4_k_m top-1 0.854 and KL

@@ -212,11 +212,11 @@ def module_of(node_name: str) -> str:
 def two_pass_activations(model: Any) -> list[str]:
     """Let the int8-compute MatMulNBits nodes see their input at about 16 bits, in one call each.
 
-    At accuracy_level 4 MLAS rounds every input row onto 8-bit blocks of ``block_size`` (scale max|x|/127),
-    the larger share of int8's disagreement (benchmarks/QUANTIZATION.md, "Why 8-bit stops near 96%
-    top-1"). Here the input ``x`` is split in the graph into ``hi`` = that same rounding of ``x`` (which the kernel then reproduces
-    exactly) and ``lo = x - hi`` (at most half a step), the two are stacked along the first axis, the node
-    runs once on the stack (its weights read once: decode stays bandwidth-bound) and the halves are added:
+    At accuracy_level 4 MLAS rounds every input row onto 8-bit blocks of ``block_size`` (scale max|x|/127), the
+    larger share of int8's disagreement (benchmarks/QUANTIZATION.md, "Why 8-bit stops near 96% top-1"). Here the
+    input ``x`` is split in the graph into ``hi`` = that same rounding of ``x`` (which the kernel then
+    reproduces exactly) and ``lo = x - hi`` (at most half a step), the two are stacked along the first axis, the
+    node runs once on the stack (its weights read once: decode stays bandwidth-bound) and the halves are added:
     ``x @ W = hi @ W + lo @ W`` with only ``lo``'s much smaller rounding left. Weights and file size are
     unchanged. ``hi``/``lo`` are built once per input (q/k/v and gate/up share one). Nodes whose K is not a
     whole number of blocks are left as they are. Returns the nodes rewritten."""
