@@ -123,14 +123,17 @@ def _eval_rows(path: Path, tok, rows: int, model_dir: Path) -> list:
 
 
 def _apply(model, rounded, kept: tuple[str, ...], bpw: dict[int, float]) -> float:
-    """Write the 8-bit values into the projections named by ``kept``, 4-bit into the rest; decoder MiB."""
+    """Write the 8-bit values into the projections named by ``kept`` (as the export matches them), 4-bit into
+    the rest; decoder MiB."""
     import torch
+
+    from export.onnx.quantize import higher_precision
 
     params = dict(model.named_parameters())
     bits_total = 0
     with torch.no_grad():
         for name in rounded[4]:
-            bits = 8 if any(p in name for p in kept) else 4
+            bits = 8 if higher_precision(name, kept) else 4
             params[name].copy_(rounded[bits][name])
             bits_total += params[name].numel() * bpw[bits]
     return bits_total / 8 / 2**20

@@ -99,8 +99,7 @@ def export_onnx(model_dir: Path, output: Path, *, quantize: str | None = None, o
     (``--eight-bit``; each must match a linear layer of the decoder).
     """
     variant = parse_variant(quantize)
-    check_activation_bits(variant, activation_bits)
-    variant_settings(variant, activation_bits, eight_bit)  # refuses --eight-bit for other variants, bad patterns
+    check_variant_options(variant, activation_bits, eight_bit)
     model_dir, output = Path(model_dir), Path(output)
     tokenizer = plan_export(model_dir, output, variant, overwrite)
     check_eight_bit(model_dir, eight_bit)
@@ -160,9 +159,10 @@ def smoothing_calibration(calibration: Path | None, tokenizer: Any, variant: str
     return load_calibration(calibration, tokenizer) if wanted and calibration is not None else None
 
 
-def check_activation_bits(variant: str, activation_bits: int) -> None:
-    """``--activation-bits`` other than 8 is for the variants computed by int8 kernels (int8, int4)."""
-    variant_settings(variant, activation_bits)  # refuses a value outside quantize.ACTIVATION_BITS
+def check_variant_options(variant: str, activation_bits: int, eight_bit: Sequence[str] = ()) -> None:
+    """``--activation-bits`` other than 8 is for the variants computed by int8 kernels (int8, int4);
+    ``--eight-bit`` is for int4 and takes regular expressions (``quantize.variant_settings`` refuses the rest)."""
+    variant_settings(variant, activation_bits, eight_bit)  # refuses a value outside quantize.ACTIVATION_BITS
     if activation_bits != 8 and variant_settings(variant) is None:
         raise ConfigError(f"--activation-bits {activation_bits}: only int8 and int4 compute on 8-bit activations, not {variant}")
 
@@ -249,8 +249,7 @@ def written_variant(model_dir: Path, output: Path, variant: str, tokenizer: Any,
     the PyTorch weights freed before the caller verifies: the shared start of the formats built on this export.
     ``calibration``/``smooth``/``gptq``/``activation_bits``/``eight_bit``: as for ``export_onnx`` (unusable rows
     or flags are refused before any work)."""
-    check_activation_bits(variant, activation_bits)
-    variant_settings(variant, activation_bits, eight_bit)
+    check_variant_options(variant, activation_bits, eight_bit)
     check_eight_bit(model_dir, eight_bit)
     calib, smoothed, rounds = calibration_plan(calibration, tokenizer, variant, smooth, gptq, activation_bits)
     with quiet():
